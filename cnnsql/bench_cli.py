@@ -1,0 +1,2 @@
+"""Subcommands added by the benchmark layer (bench, report, shell)."""
+REGISTER: list = []

@@ -1,0 +1,171 @@
+"""The `cnnsql` command. Errors are one line (problem and fix); tracebacks only with --debug."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import config
+from .errors import CnnsqlError
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+# --- db -----------------------------------------------------------------------------------
+
+def cmd_db(args) -> int:
+    from . import db
+
+    cluster = db.private_cluster()
+    external = config.external_dsn() is not None
+    if args.action == "url":
+        print(db.resolve(autostart=not external).url())
+        return 0
+    if external and args.action in ("start", "stop"):
+        raise CnnsqlError("CNNSQL_DSN or PG* variables point at an external server; there is no private cluster to "
+                          f"{args.action}", "unset them to use the private cluster")
+    if args.action == "start":
+        target = db.resolve(autostart=True)
+        print(f"PostgreSQL running: {target.display()}")
+    elif args.action == "stop":
+        print("stopped" if cluster.stop() else "not running")
+    elif args.action == "status":
+        if external:
+            with db.connection() as conn:
+                print(f"external server reachable: {db.resolve().display()} ({conn.server_version})")
+        else:
+            running = cluster.status()
+            print(f"private cluster at {cluster.data}: {'running' if running else 'stopped'}")
+            return 0 if running else 3
+    return 0
+
+
+# --- load ---------------------------------------------------------------------------------
+
+def cmd_load(args) -> int:
+    from . import cifar, db, loader
+
+    if args.synthetic:
+        with tempfile.TemporaryDirectory(prefix="cnnsql-synthetic-") as tmp:
+            md5 = cifar.write_synthetic(Path(tmp), args.synthetic, seed=args.seed)
+            data = cifar.read_dataset(Path(tmp), expected_md5=md5, kind="synthetic")
+            data.source = f"synthetic:{args.synthetic}:seed={args.seed}"
+        print(f"SYNTHETIC data ({args.synthetic} train images): not CIFAR-10, for smoke tests only", file=sys.stderr)
+    else:
+        source = cifar.resolve_source(args.source, download=not args.no_download, progress=not args.quiet)
+        print(f"reading {source}", file=sys.stderr)
+        data = cifar.read_dataset(source)
+    with db.connection() as conn:
+        stats = loader.load_dataset(conn, data, progress=not args.quiet)
+        total = sum(s["rows"] for s in stats.values())
+        secs = sum(s["seconds"] for s in stats.values())
+        parts = ", ".join(f"{k} {v['rows']}" for k, v in stats.items())
+        print(f"loaded {total} images ({parts}) "
+              f"in {secs:.1f} s ({total / secs:,.0f} images/s) [{data.kind}]")
+    return 0
+
+
+# --- train / predict ----------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from . import training_cli
+
+    training_cli.train_command(args)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from . import predict
+
+    predict.predict_command(args)
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cnnsql", description="Compare PyTorch, TensorFlow and Velox on CIFAR-10 in PostgreSQL, driven by SQL.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("db", help="the private PostgreSQL cluster (or the external one in CNNSQL_DSN)")
+    d.add_argument("action", choices=["start", "stop", "status", "url"],
+                   help="start/stop the private cluster; status; url prints a DSN for psql")
+    d.set_defaults(func=cmd_db)
+
+    ld = sub.add_parser("load", help="load CIFAR-10 (or --synthetic N) into PostgreSQL")
+    ld.add_argument("--source", help="cifar-10-python.tar.gz or an extracted cifar-10-batches-py folder "
+                    "(default: $CIFAR10_PATH, Keras/torchvision caches, then download)")
+    ld.add_argument("--synthetic", type=_positive, metavar="N", help="load N deterministic synthetic train "
+                    "images (N/5 test) instead of CIFAR-10, for smoke tests")
+    ld.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    ld.add_argument("--no-download", action="store_true", help="never download; fail if not found locally")
+    ld.add_argument("--quiet", action="store_true", help="no progress bars")
+    ld.set_defaults(func=cmd_load)
+
+    tr = sub.add_parser("train", help="train the CNN on the train split and write a weights file")
+    tr.add_argument("--framework", choices=["torch", "tensorflow"], default="torch")
+    tr.add_argument("--epochs", type=_positive, default=None, help="default: the framework's tuned default")
+    tr.add_argument("--batch-size", type=_positive, default=None)
+    tr.add_argument("--out", type=Path, required=True, help="weights file to write (.npz; manifest beside it)")
+    tr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    tr.add_argument("--threads", type=_positive, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--limit", type=_positive, default=None, help="train on the first N images only")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="classify a split with one engine and write a CSV")
+    pr.add_argument("--engine", required=True, help="torch, tensorflow or velox")
+    pr.add_argument("--weights", type=Path, required=True)
+    pr.add_argument("--split", default="test", choices=["train", "test"])
+    pr.add_argument("--limit", type=_positive, default=None)
+    pr.add_argument("--batch-size", type=_positive, default=None)
+    pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    pr.add_argument("--threads", type=_positive, default=None)
+    pr.add_argument("--out", type=Path, required=True, help="CSV: id, label, predicted, p0..p9")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+def _extra_commands():
+    from . import bench_cli
+
+    return bench_cli.REGISTER
+
+
+def main(argv: list[str] | None = None) -> int:
+    import psycopg2
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except CnnsqlError as exc:
+        if args.debug:
+            raise
+        print(f"cnnsql: error: {exc}", file=sys.stderr)
+        return 1
+    except psycopg2.Error as exc:
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"cnnsql: error: database error: {first} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cnnsql: interrupted; nothing half-written was committed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

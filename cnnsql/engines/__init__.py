@@ -1,0 +1,30 @@
+"""Engine registry. Engines import their framework lazily: `torch` does not load TensorFlow."""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import CnnsqlError
+from ..weights import Weights
+from .base import Engine
+
+ENGINES = {
+    "torch": "cnnsql.engines.torch_engine:TorchEngine",
+    "tensorflow": "cnnsql.engines.tensorflow_engine:TensorflowEngine",
+    "velox": "cnnsql.engines.velox_engine:VeloxEngine",
+}
+
+
+def engine_class(name: str) -> type[Engine]:
+    try:
+        target = ENGINES[name]
+    except KeyError:
+        raise CnnsqlError(f"unknown engine {name!r}", f"choose one of: {', '.join(ENGINES)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_engine(name: str, weights: Weights, **kwargs) -> Engine:
+    return engine_class(name)(weights, **kwargs)
+
+
+__all__ = ["ENGINES", "Engine", "engine_class", "get_engine"]

@@ -1,0 +1,60 @@
+"""The engine interface: load weights, predict a batch. Everything else is generic over it."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import CnnsqlError
+from ..weights import Weights
+
+
+class Engine(ABC):
+    """A CNN inference engine.
+
+    Subclasses convert the framework-neutral `Weights` to their own layout in `__init__`
+    and implement `predict_proba`. `threads` caps intra-op threads (None: framework default).
+    """
+
+    name: ClassVar[str]
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    default_batch_size: ClassVar[int] = 256
+
+    def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
+        if device not in self.devices:
+            raise CnnsqlError(
+                f"engine {self.name!r} cannot run on device {device!r}",
+                f"it supports: {', '.join(self.devices)}",
+            )
+        self.weights = weights
+        self.device = device
+        self.threads = threads
+
+    @abstractmethod
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N, 3, 32, 32) channel-major -> float32 class probabilities (N, 10)."""
+
+    def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Probabilities for any number of images, in batches of `batch_size`."""
+        images = check_images(images)
+        bs = batch_size or self.default_batch_size
+        if len(images) == 0:
+            return np.zeros((0, 10), dtype=np.float32)
+        parts = [self.predict_proba(images[i:i + bs]) for i in range(0, len(images), bs)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def describe(self) -> dict:
+        """Versions and settings, logged with every benchmark run."""
+        return {"engine": self.name, "device": self.device, "threads": self.threads}
+
+
+def check_images(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise CnnsqlError(f"images must be uint8, got {images.dtype}")
+    if images.ndim == 2 and images.shape[1] == 3072:
+        images = images.reshape(-1, 3, 32, 32)
+    if images.ndim != 4 or images.shape[1:] != (3, 32, 32):
+        raise CnnsqlError(f"images must have shape (N, 3, 32, 32) or (N, 3072), got {images.shape}")
+    return images

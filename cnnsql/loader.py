@@ -1,0 +1,107 @@
+"""Load CIFAR-10 into PostgreSQL with binary COPY: one transaction per split, so a re-run
+replaces a split (no duplicates) and an interrupted load leaves the previous state."""
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import numpy as np
+from psycopg2 import sql
+from tqdm import tqdm
+
+from . import db
+from .cifar import IMAGE_BYTES, Dataset, Split
+
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+COPY_TRAILER = struct.pack(">h", -1)
+CHUNK_ROWS = 2000
+
+
+def _copy_rows(split: Split, start: int, stop: int) -> bytes:
+    """Binary COPY tuples (split, id, label, img) for rows [start, stop), built with NumPy."""
+    name = split.name.encode()
+    dt = np.dtype([("nf", ">i2"), ("l_split", ">i4"), ("split", f"S{len(name)}"), ("l_id", ">i4"), ("id", ">i4"),
+                   ("l_label", ">i4"), ("label", ">i2"), ("l_img", ">i4"), ("img", "u1", (IMAGE_BYTES,))])
+    rows = np.empty(stop - start, dtype=dt)
+    rows["nf"], rows["l_split"], rows["split"] = 4, len(name), name
+    rows["l_id"], rows["id"] = 4, np.arange(start, stop)
+    rows["l_label"], rows["label"] = 2, split.labels[start:stop]
+    rows["l_img"], rows["img"] = IMAGE_BYTES, split.images[start:stop]
+    return rows.tobytes()
+
+
+class _CopyStream:
+    """File-like object psycopg2's copy_expert reads: header, row chunks, trailer; updates a bar."""
+
+    def __init__(self, split: Split, bar: tqdm):
+        self.split, self.bar = split, bar
+        self.chunks = self._gen()
+        self.buf = b""
+
+    def _gen(self):
+        yield COPY_HEADER
+        n = len(self.split.labels)
+        for start in range(0, n, CHUNK_ROWS):
+            stop = min(n, start + CHUNK_ROWS)
+            yield _copy_rows(self.split, start, stop)
+            self.bar.update(stop - start)
+        yield COPY_TRAILER
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self.buf) < size:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                break
+            self.buf += chunk
+        if size < 0:
+            out, self.buf = self.buf, b""
+        else:
+            out, self.buf = self.buf[:size], self.buf[size:]
+        return out
+
+
+def load_dataset(conn, data: Dataset, progress: bool = True) -> dict[str, dict]:
+    """Replace each split in its own transaction; return per-split rows and seconds."""
+    db.ensure_schema(conn)
+    stats = {}
+    try:
+        for name, split in data.splits.items():
+            stats[name] = _load_split(conn, data, name, split, progress)
+    except BaseException:
+        conn.rollback()  # nothing of the interrupted split stays
+        raise
+    return stats
+
+
+def _load_split(conn, data: Dataset, name: str, split: Split, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    n = len(split.labels)
+    partition = sql.Identifier(f"cifar_image_{name}")
+    with conn.cursor() as cur, tqdm(total=n, unit="img", unit_scale=True, desc=f"load {name}",
+                                    disable=not progress) as bar:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('cnnsql.load'))")
+        cur.execute(sql.SQL("TRUNCATE {}").format(partition))
+        cur.copy_expert(sql.SQL("COPY {} (split, id, label, img) FROM STDIN (FORMAT binary)")
+                        .format(partition).as_string(conn), _CopyStream(split, bar), size=1 << 20)
+        cur.execute("DELETE FROM cifar_class")
+        cur.executemany("INSERT INTO cifar_class (label, name) VALUES (%s, %s)", list(enumerate(data.class_names)))
+        cur.execute(
+            """INSERT INTO cifar_dataset (split, kind, source, n_rows, md5) VALUES (%s, %s, %s, %s, %s)
+               ON CONFLICT (split) DO UPDATE SET kind = EXCLUDED.kind, source = EXCLUDED.source,
+               n_rows = EXCLUDED.n_rows, md5 = EXCLUDED.md5, loaded_at = now()""",
+            (name, data.kind, data.source, n, json.dumps(split.md5)))
+    conn.commit()
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("ANALYZE {}").format(partition))
+    conn.autocommit = False
+    return {"rows": n, "seconds": time.perf_counter() - t0}
+
+
+def counts(conn) -> dict[str, int]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT split, count(*) FROM cifar_image GROUP BY split")
+        out = dict(cur.fetchall())
+    conn.rollback()
+    return out

@@ -1,0 +1,43 @@
+-- cnnsql data schema: CIFAR-10 in PostgreSQL. Created by `cnnsql load` (idempotent).
+--
+-- Each image is stored once, as 3,072 raw bytes, channel-major as in the archive
+-- (1024 red, 1024 green, 1024 blue, row by row). The table is partitioned by split so a
+-- load replaces one split atomically (TRUNCATE + COPY in one transaction).
+-- toast_tuple_target keeps the ~3 KB rows inline and uncompressed (fast reads and loads).
+
+CREATE TABLE IF NOT EXISTS cifar_image (
+    split text     NOT NULL CHECK (split IN ('train', 'test')),
+    id    integer  NOT NULL CHECK (id >= 0),          -- index within its split, as in the archive
+    label smallint NOT NULL CHECK (label BETWEEN 0 AND 9),
+    img   bytea    NOT NULL CHECK (octet_length(img) = 3072),
+    PRIMARY KEY (split, id)
+) PARTITION BY LIST (split);
+
+CREATE TABLE IF NOT EXISTS cifar_image_train PARTITION OF cifar_image FOR VALUES IN ('train')
+    WITH (toast_tuple_target = 8160);
+CREATE TABLE IF NOT EXISTS cifar_image_test PARTITION OF cifar_image FOR VALUES IN ('test')
+    WITH (toast_tuple_target = 8160);
+ALTER TABLE cifar_image_train ALTER COLUMN img SET STORAGE MAIN;
+ALTER TABLE cifar_image_test ALTER COLUMN img SET STORAGE MAIN;
+
+CREATE TABLE IF NOT EXISTS cifar_class (
+    label smallint PRIMARY KEY CHECK (label BETWEEN 0 AND 9),
+    name  text NOT NULL
+);
+
+-- Provenance of each loaded split: where it came from and whether it is synthetic.
+CREATE TABLE IF NOT EXISTS cifar_dataset (
+    split     text PRIMARY KEY CHECK (split IN ('train', 'test')),
+    kind      text NOT NULL CHECK (kind IN ('cifar-10', 'synthetic')),
+    source    text NOT NULL,
+    n_rows    integer NOT NULL,
+    md5       jsonb NOT NULL,          -- md5 of each archive member loaded
+    loaded_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- EvaDB's PostgreSQL source rejects bytea, so these views expose the image as base64 text
+-- (no second copy of the data). Functions decode it back to 3,072 bytes.
+CREATE OR REPLACE VIEW cifar_train AS
+    SELECT id, label, encode(img, 'base64') AS img FROM cifar_image_train;
+CREATE OR REPLACE VIEW cifar_test AS
+    SELECT id, label, encode(img, 'base64') AS img FROM cifar_image_test;
