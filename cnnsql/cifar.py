@@ -255,7 +255,7 @@ def write_synthetic(dest: Path, n_train: int, n_test: int | None = None, seed: i
                              b"num_vis": IMAGE_BYTES}
     md5 = {}
     for name, obj in files.items():
-        payload = pickle.dumps(obj, protocol=2)
+        payload = pickle.dumps(obj, protocol=4)
         (top / name).write_bytes(payload)
         md5[name] = _md5(payload)
     return md5

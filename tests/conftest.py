@@ -1,0 +1,75 @@
+"""Shared fixtures: a real private PostgreSQL cluster per test session, loaded with data.
+
+The cluster lives in a temporary CNNSQL_HOME; the real CIFAR-10 archive from ../shared/data is
+used when present (CNNSQL_TEST_CIFAR overrides), synthetic data otherwise.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_ARCHIVE = Path(os.environ.get("CNNSQL_TEST_CIFAR", REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"))
+
+for var in ("CNNSQL_DSN", "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGPASSWORD",
+            "CIFAR10_PATH", "CNNSQL_DB"):
+    os.environ.pop(var, None)
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m cnnsql ARGS` in a subprocess (the real CLI, exit codes and all)."""
+    proc = subprocess.run([sys.executable, "-m", "cnnsql", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cnnsql {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cnnsql_home(tmp_path_factory):
+    # /tmp-based and world-traversable: as root the cluster runs as the 'postgres' user.
+    home = tmp_path_factory.mktemp("home")
+    for p in [home, *home.parents]:
+        if str(p) == "/":
+            break
+        os.chmod(p, os.stat(p).st_mode | 0o011)
+    os.environ["CNNSQL_HOME"] = str(home / "state")
+    yield Path(os.environ["CNNSQL_HOME"])
+    from cnnsql import db
+
+    db.private_cluster().stop()
+
+
+@pytest.fixture(scope="session")
+def target(cnnsql_home):
+    from cnnsql import db
+
+    return db.resolve()
+
+
+@pytest.fixture(scope="session")
+def real_cifar() -> Path | None:
+    return SHARED_ARCHIVE if SHARED_ARCHIVE.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def loaded(target, real_cifar):
+    """The database with a dataset loaded: real CIFAR-10 when available, else 2,000 synthetic."""
+    if real_cifar:
+        run_cli("load", "--quiet", "--source", str(real_cifar))
+        return "cifar-10"
+    run_cli("load", "--quiet", "--synthetic", "2000")
+    return "synthetic"
+
+
+@pytest.fixture()
+def conn(target):
+    from cnnsql import db
+
+    c = db.connect(target)
+    yield c
+    c.close()
