@@ -1,0 +1,122 @@
+"""The one EvaDB function implementation, generic over engines. `evadb_udfs/*.py` subclass it.
+
+Input: the `img` column of the cifar_* views (base64 text of the 3,072 stored bytes).
+Output per row: label (class index), class_name, probability (of that class), probs (all 10).
+A bad row (NULL, not base64, wrong length) yields NULL outputs and a warning naming its
+position; it never gets a made-up prediction. Engines are cached per process, so repeated
+queries do not pay for loading weights again.
+"""
+from __future__ import annotations
+
+import binascii
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from evadb.catalog.catalog_type import NdArrayType
+from evadb.functions.abstract.abstract_function import AbstractFunction
+from evadb.functions.decorators.decorators import forward, setup
+from evadb.functions.decorators.io_descriptors.data_types import PandasDataframe
+
+from . import config
+from .cifar import IMAGE_BYTES
+from .engines import get_engine
+from .weights import load_weights
+
+log = logging.getLogger("cnnsql.evadb")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+OUTPUTS = ["label", "class_name", "probability", "probs"]
+
+_ENGINES: dict[tuple, object] = {}
+# Time spent inside functions of this process, by engine: decode vs predict (for the overhead report).
+STATS: dict[str, dict[str, float]] = {}
+
+
+def default_weights() -> Path:
+    return Path(os.environ.get("CNNSQL_WEIGHTS") or config.default_weights_dir() / "default.npz")
+
+
+def cached_engine(engine: str, weights: str, device: str, threads: int | None):
+    path = Path(weights).resolve()
+    key = (engine, str(path), path.stat().st_mtime_ns if path.exists() else None, device, threads)
+    if key not in _ENGINES:
+        _ENGINES[key] = get_engine(engine, load_weights(path), device=device, threads=threads)
+    return _ENGINES[key]
+
+
+def decode_images(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """base64 strings -> (uint8 (N, 3072) of the valid rows, boolean mask of valid rows)."""
+    out = np.zeros((len(column), IMAGE_BYTES), dtype=np.uint8)
+    ok = np.zeros(len(column), dtype=bool)
+    for i, text in enumerate(column):
+        if not isinstance(text, str):
+            continue
+        try:
+            raw = binascii.a2b_base64(text)
+        except (binascii.Error, ValueError):
+            continue
+        if len(raw) == IMAGE_BYTES:
+            out[i] = np.frombuffer(raw, dtype=np.uint8)
+            ok[i] = True
+    return out[ok], ok
+
+
+class CNNFunction(AbstractFunction):
+    engine_name = ""  # set by subclasses
+
+    @setup(cacheable=False, function_type="Classification", batchable=True)
+    def setup(self, weights: str | None = None, device: str = "cpu", threads=None, batch_size=None):
+        # EvaDB instantiates functions at CREATE FUNCTION time: the engine loads on first use.
+        self.options = (str(weights or default_weights()), device, int(threads) if threads else None)
+        self.batch_size = int(batch_size) if batch_size else None
+        self.engine = None
+
+    def _load(self) -> None:
+        if self.engine is None:
+            self.engine = cached_engine(self.engine_name, *self.options)
+            self.batch_size = self.batch_size or self.engine.default_batch_size
+            self.class_names = self.engine.weights.manifest.get("class_names") or CIFAR10_CLASSES
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @forward(
+        input_signatures=[PandasDataframe(columns=["img"], column_types=[NdArrayType.STR], column_shapes=[(None,)])],
+        output_signatures=[PandasDataframe(
+            columns=OUTPUTS,
+            column_types=[NdArrayType.INT32, NdArrayType.STR, NdArrayType.FLOAT32, NdArrayType.FLOAT32],
+            column_shapes=[(None,), (None,), (None,), (10,)])],
+    )
+    def forward(self, frames: pd.DataFrame) -> pd.DataFrame:
+        self._load()
+        stats = STATS.setdefault(self.engine_name, {"decode_s": 0.0, "predict_s": 0.0, "rows": 0, "bad_rows": 0})
+        t0 = time.perf_counter()
+        images, ok = decode_images(frames.iloc[:, 0])
+        t1 = time.perf_counter()
+        probs = self.engine.predict(images, batch_size=self.batch_size)
+        t2 = time.perf_counter()
+        stats["decode_s"] += t1 - t0
+        stats["predict_s"] += t2 - t1
+        stats["rows"] += len(frames)
+        return self._frame(probs, ok, stats)
+
+    def _frame(self, probs: np.ndarray, ok: np.ndarray, stats: dict) -> pd.DataFrame:
+        n = len(ok)
+        if ok.all():
+            top = probs.argmax(axis=1)
+            return pd.DataFrame({"label": top.astype(np.int32), "class_name": [self.class_names[k] for k in top],
+                                 "probability": probs[np.arange(n), top], "probs": list(probs)})
+        bad = np.flatnonzero(~ok)
+        stats["bad_rows"] += len(bad)
+        log.warning("%s: %d row(s) with NULL or malformed img (positions %s in this batch): NULL predictions",
+                    self.name, len(bad), bad[:10].tolist())
+        label = pd.array([None] * n, dtype="Int32")
+        name, prob, vecs = [None] * n, np.full(n, np.nan, dtype=np.float32), [None] * n
+        top = probs.argmax(axis=1)
+        for j, i in enumerate(np.flatnonzero(ok)):
+            label[i], name[i], prob[i], vecs[i] = top[j], self.class_names[top[j]], probs[j, top[j]], probs[j]
+        return pd.DataFrame({"label": label, "class_name": name, "probability": prob, "probs": vecs})

@@ -1,0 +1,44 @@
+"""`cnnsql predict`: classify a split from PostgreSQL with one engine, write a CSV."""
+from __future__ import annotations
+
+import csv
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from . import data, db
+from .engines import get_engine
+from .weights import load_weights
+
+
+def predict_images(engine, images: np.ndarray, batch_size: int | None = None, progress: bool = True) -> np.ndarray:
+    bs = batch_size or engine.default_batch_size
+    out = np.empty((len(images), 10), dtype=np.float32)
+    with tqdm(total=len(images), unit="img", desc=f"predict {engine.name}", disable=not progress) as bar:
+        for i in range(0, len(images), bs):
+            out[i:i + bs] = engine.predict(images[i:i + bs], batch_size=bs)
+            bar.update(len(images[i:i + bs]))
+    return out
+
+
+def write_csv(path, ids, labels, probs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label", "predicted", *[f"p{k}" for k in range(10)]])
+        for i, lab, p in zip(ids, labels, probs):
+            w.writerow([int(i), int(lab), int(p.argmax()), *[f"{v:.8g}" for v in p]])
+    tmp.replace(path)
+
+
+def predict_command(args) -> None:
+    weights = load_weights(args.weights)
+    engine = get_engine(args.engine, weights, device=args.device, threads=args.threads)
+    with db.connection() as conn:
+        ids, images, labels = data.fetch_split(conn, args.split, limit=args.limit)
+    probs = predict_images(engine, images, args.batch_size, progress=not args.quiet)
+    write_csv(args.out, ids, labels, probs)
+    acc = float((probs.argmax(1) == labels).mean())
+    print(f"{len(ids)} predictions by {engine.name} -> {args.out} (accuracy {acc:.4f})", file=sys.stderr)

@@ -1,0 +1,77 @@
+"""Logging runs to PostgreSQL. A run is 'running' until `finish_run` commits its results and
+marks it 'complete' in one transaction, so an interrupted run never looks complete."""
+from __future__ import annotations
+
+import json
+import uuid
+
+from psycopg2 import sql
+
+from . import db, envinfo
+
+RUN_FIELDS = ("kind", "scenario", "engine", "query", "split", "n_rows", "batch_size", "threads", "device",
+              "warmup", "repetitions", "workers", "cluster", "dataset_kind", "weights", "detail")
+RESULT_FIELDS = ("wall_s", "images_per_s", "latency_ms", "p50_ms", "p90_ms", "p99_ms", "accuracy", "agreement",
+                 "peak_rss_mb", "cpu_pct", "gpu_pct", "detail")
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _jsonify(key, value):
+    return json.dumps(value, default=str) if key in ("agreement", "detail", "versions") and value is not None else value
+
+
+def start_run(conn, session_id: str, **fields) -> int:
+    unknown = set(fields) - set(RUN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown run fields {unknown}")
+    fields = {**fields, "session_id": session_id, "host": envinfo.host(), "versions": envinfo.versions(),
+              "git_commit": envinfo.git_commit()}
+    cols = list(fields)
+    with conn.cursor() as cur:
+        query = sql.SQL("INSERT INTO bench_run ({}) VALUES ({}) RETURNING run_id").format(
+            sql.SQL(", ").join(map(sql.Identifier, cols)), sql.SQL(", ").join(sql.Placeholder() * len(cols)))
+        cur.execute(query, [_jsonify(k, fields[k]) for k in cols])
+        run_id = cur.fetchone()[0]
+    conn.commit()
+    return run_id
+
+
+def finish_run(conn, run_id: int, results: dict, repetitions: list[float] = (), epochs: list[dict] = ()) -> None:
+    unknown = set(results) - set(RESULT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown result fields {unknown}")
+    cols = list(results)
+    sets = sql.SQL("").join(sql.SQL("{} = %s, ").format(sql.Identifier(c)) for c in cols)
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO bench_repetition (run_id, rep, wall_s) VALUES (%s, %s, %s)",
+                        [(run_id, i, w) for i, w in enumerate(repetitions)])
+        cur.executemany("INSERT INTO train_epoch (run_id, epoch, seconds, loss, accuracy) VALUES (%s, %s, %s, %s, %s)",
+                        [(run_id, e["epoch"], e["seconds"], e.get("loss"), e.get("accuracy")) for e in epochs])
+        cur.execute(sql.SQL("UPDATE bench_run SET {}status = 'complete', finished_at = now() "
+                            "WHERE run_id = %s AND status = 'running'").format(sets),
+                    [_jsonify(c, results[c]) for c in cols] + [run_id])
+        if cur.rowcount != 1:
+            raise RuntimeError(f"run {run_id} is not running any more")
+    conn.commit()
+
+
+def fail_run(conn, run_id: int, error: str) -> None:
+    conn.rollback()
+    with conn.cursor() as cur:
+        cur.execute("UPDATE bench_run SET status = 'failed', finished_at = now(), "
+                    "detail = coalesce(detail, '{}'::jsonb) || jsonb_build_object('error', %s::text) "
+                    "WHERE run_id = %s AND status = 'running'", (error[:500], run_id))
+    conn.commit()
+
+
+def dataset_info(conn) -> dict:
+    """Kind and checksums of the loaded data, for manifests and run records."""
+    db.require_tables(conn, "cifar_dataset", creator="cnnsql load")
+    with conn.cursor() as cur:
+        cur.execute("SELECT split, kind, source, n_rows, md5 FROM cifar_dataset ORDER BY split")
+        rows = cur.fetchall()
+    conn.rollback()
+    return {r[0]: {"kind": r[1], "source": r[2], "n_rows": r[3], "md5": r[4]} for r in rows}

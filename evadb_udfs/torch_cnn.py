@@ -1,0 +1,6 @@
+"""EvaDB function TorchCNN: the CIFAR-10 CNN on the PyTorch engine (see cnnsql/evadb_function.py)."""
+from cnnsql.evadb_function import CNNFunction
+
+
+class TorchCNN(CNNFunction):
+    engine_name = "torch"
