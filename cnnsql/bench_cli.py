@@ -1,2 +1,54 @@
-"""Subcommands added by the benchmark layer (bench, report, shell)."""
-REGISTER: list = []
+"""Subcommands of the benchmark layer: bench, report, shell, evadb-setup."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _engines(text: str) -> list[str]:
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(engines=args.engines, weights=args.weights, repetitions=args.repetitions, warmup=args.warmup,
+                      threads=args.threads, device=args.device, limit=args.limit, velox_sample=args.velox_sample,
+                      batch_sizes=args.batch_sizes, single_stream=args.single_stream,
+                      sql_single_stream=args.sql_single_stream, train_epochs=args.train_epochs,
+                      progress=not args.quiet)
+    run_bench(cfg)
+    return 0
+
+
+def register_bench(sub) -> None:
+    b = sub.add_parser("bench", help="run every benchmark query for every engine, log to PostgreSQL, print a table")
+    b.add_argument("--engines", type=_engines, default=["torch", "tensorflow", "velox"],
+                   help="comma-separated (default: torch,tensorflow,velox)")
+    b.add_argument("--weights", type=Path, default=None,
+                   help="weights file (default: $CNNSQL_WEIGHTS or .cnnsql/weights/default.npz, trained if missing)")
+    b.add_argument("--repetitions", type=int, default=3, help="timed repetitions per phase (default 3)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per phase (default 1)")
+    b.add_argument("--threads", type=int, default=2, help="intra-op threads / Velox drivers (default 2)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch/tensorflow device")
+    b.add_argument("--limit", type=int, default=None, help="test images for torch/tensorflow (default: all)")
+    b.add_argument("--velox-sample", type=int, default=100, help="test images for Velox (default 100)")
+    b.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 64, 256], help="raw batch-size sweep")
+    b.add_argument("--single-stream", type=int, default=100, help="one-image raw calls (Velox: 3)")
+    b.add_argument("--sql-single-stream", type=int, default=5, help="one-image SQL queries per engine")
+    b.add_argument("--train-epochs", type=int, default=None, help="epochs of the default model if no weights exist")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+
+REGISTER = [register_bench]

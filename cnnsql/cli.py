@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from . import config
@@ -50,25 +48,10 @@ def cmd_db(args) -> int:
 # --- load ---------------------------------------------------------------------------------
 
 def cmd_load(args) -> int:
-    from . import cifar, db, loader
+    from . import loader
 
-    if args.synthetic:
-        with tempfile.TemporaryDirectory(prefix="cnnsql-synthetic-") as tmp:
-            md5 = cifar.write_synthetic(Path(tmp), args.synthetic, seed=args.seed)
-            data = cifar.read_dataset(Path(tmp), expected_md5=md5, kind="synthetic")
-            data.source = f"synthetic:{args.synthetic}:seed={args.seed}"
-        print(f"SYNTHETIC data ({args.synthetic} train images): not CIFAR-10, for smoke tests only", file=sys.stderr)
-    else:
-        source = cifar.resolve_source(args.source, download=not args.no_download, progress=not args.quiet)
-        print(f"reading {source}", file=sys.stderr)
-        data = cifar.read_dataset(source)
-    with db.connection() as conn:
-        stats = loader.load_dataset(conn, data, progress=not args.quiet)
-        total = sum(s["rows"] for s in stats.values())
-        secs = sum(s["seconds"] for s in stats.values())
-        parts = ", ".join(f"{k} {v['rows']}" for k, v in stats.items())
-        print(f"loaded {total} images ({parts}) "
-              f"in {secs:.1f} s ({total / secs:,.0f} images/s) [{data.kind}]")
+    loader.load(source=args.source, synthetic=args.synthetic, seed=args.seed,
+                download=not args.no_download, progress=not args.quiet)
     return 0
 
 

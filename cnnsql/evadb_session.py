@@ -46,21 +46,23 @@ def setup_statements(params: dict[str, str]) -> list[str]:
 def quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"evadb\..*")
     warnings.filterwarnings("ignore", message=".*pandas only supports SQLAlchemy.*")
+    warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
     for name in ("evadb", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def connect(target: db.Target | None = None):
-    """Return an EvaDB cursor over a catalog in the state directory (mode 0700)."""
+def connect(target: db.Target | None = None, evadb_dir: Path | None = None):
+    """Return an EvaDB cursor over a catalog in `evadb_dir` (default: state dir/evadb), mode 0700."""
     quiet()
     import evadb
 
     target = target or db.resolve()
     params = evadb_params(target)
-    evadb_dir = config.state_dir() / "evadb"
+    evadb_dir = evadb_dir or config.state_dir() / "evadb"
     evadb_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(evadb_dir, 0o700)
     cursor = evadb.connect(str(evadb_dir)).cursor()
+    quiet()  # EvaDB sets its log level when it starts
     for statement in setup_statements(params):
         run(cursor, statement)
     return cursor

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from psycopg2 import sql
 from tqdm import tqdm
 
-from . import db
+from . import cifar, db
 from .cifar import IMAGE_BYTES, Dataset, Split
 
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -105,3 +108,30 @@ def counts(conn) -> dict[str, int]:
         out = dict(cur.fetchall())
     conn.rollback()
     return out
+
+
+def read_source(source: str | None = None, synthetic: int | None = None, seed: int = 0,
+                download: bool = True, progress: bool = True) -> Dataset:
+    """The dataset to load: synthetic (said loudly) or CIFAR-10 from the resolved source."""
+    if synthetic:
+        with tempfile.TemporaryDirectory(prefix="cnnsql-synthetic-") as tmp:
+            md5 = cifar.write_synthetic(Path(tmp), synthetic, seed=seed)
+            data = cifar.read_dataset(Path(tmp), expected_md5=md5, kind="synthetic")
+        data.source = f"synthetic:{synthetic}:seed={seed}"
+        print(f"SYNTHETIC data ({synthetic} train images): not CIFAR-10, for smoke tests only", file=sys.stderr)
+        return data
+    path = cifar.resolve_source(source, download=download, progress=progress)
+    print(f"reading {path}", file=sys.stderr)
+    return cifar.read_dataset(path)
+
+
+def load(target: db.Target | None = None, **source_options) -> dict[str, dict]:
+    """Read and verify the source first (no database needed for that), then load it."""
+    data = read_source(**source_options)
+    with db.connection(target) as conn:
+        stats = load_dataset(conn, data, progress=source_options.get("progress", True))
+    total = sum(s["rows"] for s in stats.values())
+    secs = sum(s["seconds"] for s in stats.values())
+    parts = ", ".join(f"{k} {v['rows']}" for k, v in stats.items())
+    print(f"loaded {total} images ({parts}) in {secs:.1f} s ({total / secs:,.0f} images/s) [{data.kind}]")
+    return stats

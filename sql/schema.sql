@@ -41,3 +41,6 @@ CREATE OR REPLACE VIEW cifar_train AS
     SELECT id, label, encode(img, 'base64') AS img FROM cifar_image_train;
 CREATE OR REPLACE VIEW cifar_test AS
     SELECT id, label, encode(img, 'base64') AS img FROM cifar_image_test;
+
+-- The first N test images (N set by `cnnsql bench --velox-sample`): the slow Velox engine's input.
+CREATE OR REPLACE VIEW cifar_test_sample AS SELECT id, label, img FROM cifar_test WHERE id < 100;

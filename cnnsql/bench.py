@@ -1,0 +1,262 @@
+"""`cnnsql bench`: every engine, raw and through EvaDB SQL, timed, checked and logged to PostgreSQL.
+
+Scenarios (after MLPerf Inference): offline (a whole split at the engine's best batch size:
+images/s) and single-stream (one image per call: p50/p90/p99 latency). Every timed phase has
+warm-up calls that are not timed, then `repetitions` timed calls; figures are medians.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from psycopg2 import sql
+
+from . import data, db, evadb_function, evadb_session, loader, results
+from .engines import ENGINES
+from .errors import CnnsqlError
+from .monitor import ResourceMonitor
+
+QUERY_DIR = db.SQL_DIR / "queries"
+
+
+@dataclass
+class BenchConfig:
+    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+    weights: Path | None = None
+    repetitions: int = 3
+    warmup: int = 1
+    threads: int = 2
+    device: str = "cpu"
+    limit: int | None = None            # test images for torch/tensorflow (default: all)
+    velox_sample: int = 100             # test images for velox
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
+    sweep_images: int = 1024            # images per batch-size point (velox: velox_sweep_images)
+    velox_sweep_images: int = 16
+    single_stream: int = 100            # one-image calls for the latency scenario (velox: 3)
+    sql_single_stream: int = 5          # one-image SQL queries
+    train_epochs: int | None = None     # when no weights exist
+    progress: bool = True
+
+    def n_images(self, engine: str, available: int) -> int:
+        n = self.velox_sample if engine == "velox" else (self.limit or available)
+        return min(n, available)
+
+
+def query_text(name: str) -> str:
+    """The statement of sql/queries/NAME.sql, comments stripped (the file runs as-is in EvaDB's shell)."""
+    lines = (QUERY_DIR / f"{name}.sql").read_text().splitlines()
+    return "\n".join(l for l in lines if not l.lstrip().startswith("--")).strip()
+
+
+def percentile(values, q) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig, target: db.Target | None = None):
+        self.cfg = cfg
+        self.target = target or db.resolve()
+        self.conn = db.connect(self.target)
+        self.session = results.new_session_id()
+        self.sql_predictions: dict[str, pd.Series] = {}
+        self.sql_runs: dict[str, int] = {}
+        self.rows: list[dict] = []
+
+    def say(self, msg: str) -> None:
+        if self.cfg.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        db.ensure_schema(self.conn)
+        info = results.dataset_info(self.conn)
+        if "test" not in info or "train" not in info:
+            self.say("no data in the database yet: loading CIFAR-10 (cnnsql load)")
+            loader.load(self.target, progress=self.cfg.progress)
+            info = results.dataset_info(self.conn)
+        self.dataset_kind = info["test"]["kind"]
+        if self.dataset_kind != "cifar-10":
+            self.say(f"NOTE: the loaded data is {self.dataset_kind}, not CIFAR-10; accuracy figures mean nothing")
+        self.weights = Path(self.cfg.weights or evadb_function.default_weights()).absolute()
+        if not self.weights.exists():
+            self._train_default()
+        os.environ["CNNSQL_WEIGHTS"] = str(self.weights)  # read by the EvaDB functions
+        self.ids, self.images, self.labels = data.fetch_split(self.conn, "test")
+        with self.conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE OR REPLACE VIEW cifar_test_sample AS "
+                                "SELECT id, label, img FROM cifar_test WHERE id < {}")
+                        .format(sql.Literal(int(self.cfg.velox_sample))))
+        self.conn.commit()
+        # A private EvaDB catalog per session: concurrent benchmarks do not share one.
+        self.evadb_dir = db.config.state_dir() / "evadb-sessions" / self.session
+        self.cursor = evadb_session.connect(self.target, self.evadb_dir)
+
+    def _train_default(self) -> None:
+        from .training_cli import train_and_save
+
+        self.say(f"no weights at {self.weights}: training a short default model first (torch, "
+                 f"{self.cfg.train_epochs or 'default'} epochs); pass --weights to use your own")
+        train_and_save(self.conn, "torch", self.weights, epochs=self.cfg.train_epochs, device=self.cfg.device,
+                       threads=self.cfg.threads, progress=self.cfg.progress)
+
+    def close(self) -> None:
+        self.conn.close()
+        shutil.rmtree(getattr(self, "evadb_dir", Path("/nonexistent")), ignore_errors=True)
+
+    # --- measurement ----------------------------------------------------------------------
+
+    def phase(self, spec: dict, call, reps: int, warmup: int, n_images: int, evaluate=None) -> dict:
+        """Warm up, time `reps` calls under a resource monitor, log one run. Returns its results."""
+        spec = {"split": "test", "threads": self.cfg.threads, "dataset_kind": self.dataset_kind,
+                "weights": str(self.weights), "warmup": warmup, "repetitions": reps, "n_rows": n_images, **spec}
+        run_id = results.start_run(self.conn, self.session, **spec)
+        try:
+            for _ in range(warmup):
+                call()
+            walls, out = [], None
+            with ResourceMonitor() as mon:
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    out = call()
+                    walls.append(time.perf_counter() - t0)
+            wall = statistics.median(walls)
+            res = {"wall_s": wall, "images_per_s": n_images / wall, "latency_ms": 1000 * wall / n_images,
+                   **mon.summary()}
+            if spec["scenario"] == "single-stream":
+                ms = [1000 * w for w in walls]
+                res.update(p50_ms=percentile(ms, 50), p90_ms=percentile(ms, 90), p99_ms=percentile(ms, 99))
+            if evaluate is not None:
+                res.update(evaluate(out))
+            results.finish_run(self.conn, run_id, res, repetitions=walls)
+        except BaseException as exc:
+            results.fail_run(self.conn, run_id, repr(exc))
+            raise
+        res["run_id"] = run_id
+        return res
+
+    def bench_engine(self, name: str) -> dict:
+        cfg = self.cfg
+        device = cfg.device if name != "velox" else "cpu"
+        engine = evadb_function.cached_engine(name, str(self.weights), device, cfg.threads)
+        n = cfg.n_images(name, len(self.ids))
+        images, labels, bs = self.images[:n], self.labels[:n], engine.default_batch_size
+        common = {"engine": name, "device": device, "batch_size": bs}
+        reps = cfg.repetitions
+        self.say(f"[{name}] raw offline: {n} images, batch {bs}, {cfg.warmup} warm-up + {reps} timed")
+
+        def accuracy_of(probs):
+            return {"accuracy": float((probs.argmax(1) == labels).mean())}
+
+        raw = self.phase({**common, "kind": "raw", "scenario": "offline"},
+                         lambda: engine.predict(images, bs), reps, cfg.warmup, n, accuracy_of)
+        raw_pred = engine.predict(images, bs).argmax(1)
+
+        query = query_text(f"offline_{name}")
+        self.say(f"[{name}] SQL offline: {query}")
+        before = dict(evadb_function.STATS.get(name, {}))
+
+        def sql_eval(df):
+            pred = pd.Series(df["label"].to_numpy(), index=df["id"].to_numpy()).sort_index()
+            self.sql_predictions[name] = pred
+            if len(pred) != n or not np.array_equal(pred.index.to_numpy(), self.ids[:n]):
+                raise CnnsqlError(f"{name}: SQL query returned {len(pred)} rows, expected ids 0..{n - 1}")
+            after = evadb_function.STATS[name]
+            calls = reps + cfg.warmup
+            split = {k: (after[k] - before.get(k, 0)) / calls for k in ("decode_s", "predict_s")}
+            return {"accuracy": float((pred.to_numpy() == labels).mean()),
+                    "detail": {"sql_matches_raw": float((pred.to_numpy() == raw_pred).mean()), **split,
+                               "raw_wall_s": raw["wall_s"], "bad_rows": after.get("bad_rows", 0)}}
+
+        sq = self.phase({**common, "kind": "sql", "scenario": "offline", "query": query},
+                        lambda: evadb_session.run(self.cursor, query), reps, cfg.warmup, n, sql_eval)
+        self.sql_runs[name] = sq["run_id"]
+
+        sweep_n = min(n, cfg.velox_sweep_images if name == "velox" else cfg.sweep_images)
+        for b in cfg.batch_sizes:
+            self.say(f"[{name}] raw batch {b}: {sweep_n} images")
+            self.phase({**common, "batch_size": b, "kind": "raw", "scenario": "batch-sweep"},
+                       lambda: engine.predict(self.images[:sweep_n], b), max(1, reps - 1), 1, sweep_n)
+
+        k = 3 if name == "velox" else cfg.single_stream
+        self.say(f"[{name}] single-stream: {k} one-image calls")
+        it = iter(range(10**9))
+        single = self.phase({**common, "batch_size": 1, "kind": "raw", "scenario": "single-stream"},
+                            lambda: engine.predict(self.images[next(it) % n][None], 1), k, 1, 1)
+
+        q1 = query_text(f"single_stream_{name}")
+        self.say(f"[{name}] SQL single-stream: {cfg.sql_single_stream} x {q1}")
+        single_sql = self.phase({**common, "batch_size": 1, "kind": "sql", "scenario": "single-stream", "query": q1},
+                                lambda: evadb_session.run(self.cursor, q1), cfg.sql_single_stream, 1, 1)
+        return {"engine": name, "n": n, "raw_ips": raw["images_per_s"], "sql_ips": sq["images_per_s"],
+                "overhead": sq["wall_s"] / raw["wall_s"], "accuracy": sq["accuracy"],
+                "p50_ms": single["p50_ms"], "p99_ms": single["p99_ms"], "sql_p50_ms": single_sql["p50_ms"],
+                "cpu_pct": sq["cpu_pct"], "rss_mb": sq["peak_rss_mb"], "gpu_pct": sq["gpu_pct"]}
+
+    def bench_fetch(self) -> None:
+        query = query_text("fetch_only")
+        self.say(f"[fetch] SQL without a function: {query}")
+        self.phase({"engine": "none", "kind": "sql", "scenario": "fetch-only", "query": query},
+                   lambda: evadb_session.run(self.cursor, query), self.cfg.repetitions, self.cfg.warmup,
+                   len(self.ids))
+
+    def record_agreement(self) -> None:
+        for name, run_id in self.sql_runs.items():
+            mine = self.sql_predictions[name]
+            agree = {}
+            for other, theirs in self.sql_predictions.items():
+                if other != name:
+                    common = mine.index.intersection(theirs.index)
+                    agree[other] = {"fraction": float((mine[common] == theirs[common]).mean()), "n": len(common)}
+            with self.conn.cursor() as cur:
+                cur.execute("UPDATE bench_run SET agreement = %s WHERE run_id = %s",
+                            (results._jsonify("agreement", agree), run_id))
+            for row in self.rows:
+                if row["engine"] == name:
+                    row["agreement"] = agree
+        self.conn.commit()
+
+    def run(self) -> list[dict]:
+        self.prepare()
+        self.say(f"session {self.session}: engines {', '.join(self.cfg.engines)}, weights {self.weights}")
+        self.bench_fetch()
+        for name in self.cfg.engines:
+            self.rows.append(self.bench_engine(name))
+        self.record_agreement()
+        return self.rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'engine':<11}{'images':>7}{'raw img/s':>11}{'SQL img/s':>11}{'SQL/raw':>9}{'accuracy':>10}"
+            f"{'agree':>8}{'p50 ms':>9}{'p99 ms':>9}{'SQL 1-img ms':>14}{'CPU%':>7}{'RSS MB':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        agree = min((a["fraction"] for a in r.get("agreement", {}).values()), default=float("nan"))
+        lines.append(f"{r['engine']:<11}{r['n']:>7}{r['raw_ips']:>11.1f}{r['sql_ips']:>11.1f}{r['overhead']:>9.3f}"
+                     f"{r['accuracy']:>10.4f}{agree:>8.3f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                     f"{r['sql_p50_ms']:>14.1f}{(r['cpu_pct'] or 0):>7.0f}{(r['rss_mb'] or 0):>8.0f}")
+    return "\n".join(lines)
+
+
+def run_bench(cfg: BenchConfig) -> list[dict]:
+    for name in cfg.engines:
+        if name not in ENGINES:
+            raise CnnsqlError(f"unknown engine {name!r}", f"choose from: {', '.join(ENGINES)}")
+    bench = Bench(cfg)
+    try:
+        rows = bench.run()
+    finally:
+        bench.close()
+    print(format_table(rows))
+    print(f"(session {bench.session}; medians of {cfg.repetitions} timed runs after {cfg.warmup} warm-up; "
+          f"{cfg.threads} threads; agree = lowest top-1 agreement with another engine's SQL output; "
+          "all runs are in table bench_run)")
+    return rows
+

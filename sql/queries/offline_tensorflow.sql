@@ -1,0 +1,2 @@
+-- Offline scenario: classify the whole view with TensorflowCNN.
+SELECT id, TensorflowCNN(img) FROM pg.cifar_test;
