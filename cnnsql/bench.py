@@ -90,10 +90,10 @@ class Bench:
             self._train_default()
         os.environ["CNNSQL_WEIGHTS"] = str(self.weights)  # read by the EvaDB functions
         self.ids, self.images, self.labels = data.fetch_split(self.conn, "test")
-        with self.conn.cursor() as cur:
-            cur.execute(sql.SQL("CREATE OR REPLACE VIEW cifar_test_sample AS "
-                                "SELECT id, label, img FROM cifar_test WHERE id < {}")
-                        .format(sql.Literal(int(self.cfg.velox_sample))))
+        with self.conn.cursor() as cur:  # the Velox sample, and the --limit subset
+            for view, n in (("cifar_test_sample", self.cfg.velox_sample), ("cifar_test_head", self.cfg.limit or 0)):
+                cur.execute(sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT id, label, img FROM cifar_test WHERE id < {}")
+                            .format(sql.Identifier(view), sql.Literal(int(n))))
         self.conn.commit()
         # A private EvaDB catalog per session: concurrent benchmarks do not share one.
         self.evadb_dir = db.config.state_dir() / "evadb-sessions" / self.session
@@ -160,6 +160,8 @@ class Bench:
         raw_pred = engine.predict(images, bs).argmax(1)
 
         query = query_text(f"offline_{name}")
+        if cfg.limit and name != "velox":
+            query = query.replace("pg.cifar_test;", "pg.cifar_test_head;")
         self.say(f"[{name}] SQL offline: {query}")
         before = dict(evadb_function.STATS.get(name, {}))
 

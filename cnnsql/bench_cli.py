@@ -51,4 +51,19 @@ def register_bench(sub) -> None:
     b.set_defaults(func=cmd_bench)
 
 
-REGISTER = [register_bench]
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    index = write_report(args.out, args.session)
+    print(f"report written: {index} (PNG plots beside it)")
+    return 0
+
+
+def register_report(sub) -> None:
+    r = sub.add_parser("report", help="plots (PNG) and an HTML report from the results tables")
+    r.add_argument("--out", type=Path, default=Path("results/report"), help="output folder (default results/report)")
+    r.add_argument("--session", default=None, help="benchmark session id (default: the latest complete one)")
+    r.set_defaults(func=cmd_report)
+
+
+REGISTER = [register_bench, register_report]

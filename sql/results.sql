@@ -59,3 +59,54 @@ CREATE TABLE IF NOT EXISTS train_epoch (
     accuracy   double precision,
     PRIMARY KEY (run_id, epoch)
 );
+
+-- ---------------------------------------------------------------------------------------
+-- Views for psql users: compare engines without Python. Only complete runs count.
+
+-- Each SQL offline run beside the raw run of the same engine in the same session.
+CREATE OR REPLACE VIEW bench_sql_overhead AS
+SELECT s.session_id, s.engine, s.n_rows, s.threads, s.device,
+       r.wall_s AS raw_wall_s, s.wall_s AS sql_wall_s, s.wall_s / r.wall_s AS sql_over_raw,
+       r.images_per_s AS raw_images_per_s, s.images_per_s AS sql_images_per_s,
+       s.accuracy, s.agreement, s.cpu_pct, s.gpu_pct, s.peak_rss_mb, s.dataset_kind, s.finished_at
+FROM bench_run s
+JOIN bench_run r ON r.session_id = s.session_id AND r.engine = s.engine
+                AND r.kind = 'raw' AND r.scenario = 'offline' AND r.status = 'complete'
+WHERE s.kind = 'sql' AND s.scenario = 'offline' AND s.status = 'complete';
+
+-- Per engine, over all sessions: medians of throughput, SQL overhead, accuracy and latency.
+CREATE OR REPLACE VIEW bench_engine_summary AS
+SELECT o.engine,
+       count(*)                                                         AS sessions,
+       max(o.n_rows)                                                    AS images,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY o.raw_images_per_s)::numeric, 1) AS raw_images_per_s,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY o.sql_images_per_s)::numeric, 1) AS sql_images_per_s,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY o.sql_over_raw)::numeric, 3)     AS sql_over_raw,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY o.accuracy)::numeric, 4)         AS accuracy,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY o.cpu_pct)::numeric, 0)          AS cpu_pct,
+       (SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY p50_ms)::numeric, 2)
+          FROM bench_run l WHERE l.engine = o.engine AND l.kind = 'raw'
+           AND l.scenario = 'single-stream' AND l.status = 'complete')  AS single_stream_p50_ms,
+       max(o.finished_at)                                               AS last_run
+FROM bench_sql_overhead o
+GROUP BY o.engine
+ORDER BY sql_images_per_s DESC;
+
+-- Throughput against batch size (raw engine), median over sessions.
+CREATE OR REPLACE VIEW bench_batch_sweep AS
+SELECT engine, batch_size, count(*) AS runs,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY images_per_s)::numeric, 1) AS images_per_s
+FROM bench_run
+WHERE status = 'complete' AND kind = 'raw' AND scenario = 'batch-sweep'
+GROUP BY engine, batch_size
+ORDER BY engine, batch_size;
+
+-- Training runs: seconds per epoch and test accuracy.
+CREATE OR REPLACE VIEW train_summary AS
+SELECT r.run_id, r.engine AS framework, r.n_rows, r.dataset_kind, count(e.epoch) AS epochs,
+       round(avg(e.seconds)::numeric, 1) AS seconds_per_epoch, round(r.accuracy::numeric, 4) AS test_accuracy,
+       r.finished_at
+FROM bench_run r JOIN train_epoch e USING (run_id)
+WHERE r.kind = 'train' AND r.status = 'complete'
+GROUP BY r.run_id
+ORDER BY r.finished_at DESC;

@@ -44,3 +44,5 @@ CREATE OR REPLACE VIEW cifar_test AS
 
 -- The first N test images (N set by `cnnsql bench --velox-sample`): the slow Velox engine's input.
 CREATE OR REPLACE VIEW cifar_test_sample AS SELECT id, label, img FROM cifar_test WHERE id < 100;
+-- The first N test images for `cnnsql bench --limit N` (set by the benchmark).
+CREATE OR REPLACE VIEW cifar_test_head AS SELECT id, label, img FROM cifar_test WHERE id < 1000;
