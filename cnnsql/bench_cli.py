@@ -66,4 +66,18 @@ def register_report(sub) -> None:
     r.set_defaults(func=cmd_report)
 
 
-REGISTER = [register_bench, register_report]
+def cmd_shell(args) -> int:
+    from .shell import run_shell
+
+    run_shell(args.command_text)
+    return 0
+
+
+def register_shell(sub) -> None:
+    s = sub.add_parser("shell", help="interactive EvaDB SQL shell with pg and the CNN functions registered")
+    s.add_argument("-c", "--command", dest="command_text", action="append", default=None,
+                   help="run this statement and exit (repeatable); without it, read statements from the terminal")
+    s.set_defaults(func=cmd_shell)
+
+
+REGISTER = [register_bench, register_report, register_shell]

@@ -47,8 +47,9 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"evadb\..*")
     warnings.filterwarnings("ignore", message=".*pandas only supports SQLAlchemy.*")
     warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
-    for name in ("evadb", "ray"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # EvaDB logs every failed statement itself; we report it once, as a CnnsqlError.
+    logging.getLogger("evadb.utils.logging_manager").setLevel(logging.CRITICAL)
+    logging.getLogger("ray").setLevel(logging.ERROR)
 
 
 def connect(target: db.Target | None = None, evadb_dir: Path | None = None):
