@@ -27,7 +27,12 @@ def cmd_bench(args) -> int:
                       batch_sizes=args.batch_sizes, single_stream=args.single_stream,
                       sql_single_stream=args.sql_single_stream, train_epochs=args.train_epochs,
                       progress=not args.quiet)
-    run_bench(cfg)
+    if args.cluster == "ray":
+        from .ray_runner import run_ray
+
+        run_ray(cfg, args.workers, args.address, args.table)
+    else:
+        run_bench(cfg)
     return 0
 
 
@@ -47,6 +52,11 @@ def register_bench(sub) -> None:
     b.add_argument("--single-stream", type=int, default=100, help="one-image raw calls (Velox: 3)")
     b.add_argument("--sql-single-stream", type=int, default=5, help="one-image SQL queries per engine")
     b.add_argument("--train-epochs", type=int, default=None, help="epochs of the default model if no weights exist")
+    b.add_argument("--cluster", choices=["local", "ray"], default="local",
+                   help="local: EvaDB SQL benchmark in this process; ray: engines as Ray actors over shards")
+    b.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
+    b.add_argument("--workers", type=_int_list, default=[2], help="Ray workers, e.g. 1,2 for a scaling run")
+    b.add_argument("--table", default="ray_prediction", help="table for Ray predictions (default ray_prediction)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

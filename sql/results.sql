@@ -110,3 +110,17 @@ FROM bench_run r JOIN train_epoch e USING (run_id)
 WHERE r.kind = 'train' AND r.status = 'complete'
 GROUP BY r.run_id
 ORDER BY r.finished_at DESC;
+
+-- Predictions written back by Ray workers (`cnnsql bench --cluster ray`). One row per image per
+-- run: workers upsert on (run_id, id), so a retried shard cannot duplicate rows. A custom
+-- --table is created LIKE this one.
+CREATE TABLE IF NOT EXISTS ray_prediction (
+    run_id      bigint   NOT NULL REFERENCES bench_run ON DELETE CASCADE,
+    id          integer  NOT NULL,
+    label       smallint NOT NULL,
+    probability real     NOT NULL,
+    probs       real[]   NOT NULL,
+    worker      text     NOT NULL,     -- host:pid of the worker that wrote it last
+    attempt     integer  NOT NULL DEFAULT 1,
+    PRIMARY KEY (run_id, id)
+);

@@ -1,0 +1,189 @@
+"""`cnnsql bench --cluster ray`: any engine as Ray actors over id-range shards of the test split.
+
+Each worker reads its own shard from PostgreSQL, predicts in batches and upserts the
+predictions into a PostgreSQL table, committing per batch. Upserts on (run_id, id) make a
+shard retried after a worker dies (Ray restarts the actor and retries its task) rewrite the
+same rows: a completed run has exactly one prediction per image, which the driver checks
+before it marks the run complete.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from psycopg2 import sql
+
+from . import db, evadb_function, results
+from .errors import CnnsqlError
+from .monitor import ResourceMonitor
+
+
+class ShardWorker:
+    """The Ray actor body (wrapped with ray.remote at run time)."""
+
+    def __init__(self, engine: str, weights, threads: int, dsn: str, env: dict):
+        os.environ.update(env)
+        from .engines import get_engine
+
+        self.engine = get_engine(engine, weights, threads=threads)
+        self.dsn = dsn
+        self.conn = None
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _connect(self):
+        if self.conn is None or self.conn.closed:
+            self.conn = db.connect(db.Target(self.dsn, private=False))
+        return self.conn
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def warmup(self, n: int = 2) -> None:
+        self.engine.predict(np.zeros((n, 3, 32, 32), np.uint8))
+
+    def run_shard(self, run_id: int, table: str, lo: int, hi: int, batch: int) -> dict:
+        conn = self._connect()
+        t0 = time.perf_counter()
+        with conn.cursor() as cur:
+            cur.execute("SELECT id, img FROM cifar_image WHERE split = 'test' AND id >= %s AND id < %s ORDER BY id",
+                        (lo, hi))
+            rows = cur.fetchall()
+        conn.rollback()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        images = np.frombuffer(b"".join(r[1] for r in rows), np.uint8).reshape(-1, 3, 32, 32)
+        upsert = sql.SQL("INSERT INTO {} (run_id, id, label, probability, probs, worker) VALUES %s "
+                         "ON CONFLICT (run_id, id) DO UPDATE SET label = EXCLUDED.label, "
+                         "probability = EXCLUDED.probability, probs = EXCLUDED.probs, worker = EXCLUDED.worker, "
+                         "attempt = {}.attempt + 1").format(sql.Identifier(table), sql.Identifier(table))
+        from psycopg2.extras import execute_values
+
+        for i in range(0, len(ids), batch):
+            probs = self.engine.predict(images[i:i + batch], batch)
+            top = probs.argmax(1)
+            values = [(run_id, int(k), int(t), float(p[t]), p.tolist(), self.name)
+                      for k, t, p in zip(ids[i:i + batch], top, probs)]
+            with conn.cursor() as cur:
+                execute_values(cur, upsert.as_string(conn), values, page_size=len(values))
+            conn.commit()
+        return {"lo": lo, "hi": hi, "rows": len(ids), "seconds": time.perf_counter() - t0, "worker": self.name}
+
+
+def _shards(n: int, count: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, count + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def ensure_table(conn, table: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE ray_prediction INCLUDING ALL)")
+                    .format(sql.Identifier(table)))
+    conn.commit()
+
+
+def check_complete(conn, table: str, run_id: int, n: int) -> None:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM {} WHERE run_id = %s")
+                    .format(sql.Identifier(table)), (run_id,))
+        count, distinct, lo, hi = cur.fetchone()
+    conn.rollback()
+    if not (count == distinct == n and lo == 0 and hi == n - 1):
+        raise CnnsqlError(f"Ray run {run_id}: {count} predictions ({distinct} distinct ids) for {n} images",
+                          "the run is marked failed; rerun it")
+
+
+def worker_env(target: db.Target) -> dict:
+    env = {"OMP_NUM_THREADS": "1"}
+    if target.private:
+        env["PGPASSFILE"] = str(db.private_cluster().pgpass)
+    return env
+
+
+def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> list[dict]:
+    from .evadb_session import quiet
+
+    quiet()
+    import ray
+
+    from .weights import load_weights
+
+    target = db.resolve()
+    conn = db.connect(target)
+    db.ensure_schema(conn)
+    ensure_table(conn, table)
+    info = results.dataset_info(conn)
+    n_avail = info.get("test", {}).get("n_rows") or 0
+    weights_path = Path(cfg.weights or evadb_function.default_weights()).absolute()
+    weights = load_weights(weights_path)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(max(workers_list), os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    res = ray.cluster_resources()
+    cluster = (f"{'ray ' + address if address else 'local ray'}: {len(ray.nodes())} node(s), "
+               f"{int(res.get('CPU', 0))} CPUs")
+    session = results.new_session_id()
+    weights_ref = ray.put(weights)
+    Actor = ray.remote(max_restarts=3, max_task_retries=3)(ShardWorker)
+    rows = []
+    try:
+        for engine in cfg.engines:
+            n = min(cfg.velox_sample if engine == "velox" else (cfg.limit or n_avail), n_avail)
+            for workers in workers_list:
+                rows.append(_run_one(cfg, conn, session, Actor, weights_ref, target, engine, workers, n, table,
+                                     cluster, str(weights_path), info["test"]["kind"]))
+    finally:
+        ray.shutdown()
+        conn.close()
+    for r in rows:
+        print(f"ray {r['engine']:<11} workers {r['workers']}: {r['n']} images in {r['wall_s']:.2f} s "
+              f"({r['images_per_s']:.1f} images/s), run {r['run_id']}")
+    print(f"(session {session}; {cluster}; predictions in table {table})")
+    return rows
+
+
+def _run_one(cfg, conn, session, Actor, weights_ref, target, engine, workers, n, table, cluster, weights, kind):
+    import ray
+    from ray.util import ActorPool
+
+    threads = max(1, cfg.threads // workers)
+    batch = 16 if engine == "velox" else 256
+    shards = _shards(n, workers * 4)
+    run_id = results.start_run(
+        conn, session, kind="ray", scenario="offline", engine=engine, split="test", n_rows=n, batch_size=batch,
+        threads=threads, device="cpu", warmup=1, repetitions=cfg.repetitions, workers=workers, cluster=cluster,
+        dataset_kind=kind, weights=weights,
+        query="SELECT id, img FROM cifar_image WHERE split = 'test' AND id >= %s AND id < %s ORDER BY id")
+    actors = []
+    try:
+        actors = [Actor.options(num_cpus=threads).remote(engine, weights_ref, threads, target.dsn, worker_env(target))
+                  for _ in range(workers)]
+        ray.get([a.warmup.remote() for a in actors])
+        if cfg.progress:
+            print(f"[ray {engine} x{workers}] {n} images in {len(shards)} shards, pids "
+                  f"{ray.get([a.pid.remote() for a in actors])}", file=sys.stderr, flush=True)
+        walls = []
+        with ResourceMonitor() as mon:
+            for _ in range(cfg.repetitions):
+                t0 = time.perf_counter()
+                pool = ActorPool(actors)
+                done = list(pool.map_unordered(lambda a, s: a.run_shard.remote(run_id, table, s[0], s[1], batch),
+                                               shards))
+                walls.append(time.perf_counter() - t0)
+        check_complete(conn, table, run_id, n)
+        wall = statistics.median(walls)
+        res = {"wall_s": wall, "images_per_s": n / wall, "latency_ms": 1000 * wall / n, **mon.summary(),
+               "detail": {"shards": len(shards), "workers_seen": sorted({d["worker"] for d in done})}}
+        results.finish_run(conn, run_id, res, repetitions=walls)
+    except BaseException as exc:
+        results.fail_run(conn, run_id, repr(exc))
+        raise
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return {"engine": engine, "workers": workers, "n": n, "wall_s": wall, "images_per_s": n / wall, "run_id": run_id}
