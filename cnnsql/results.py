@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import psycopg2
 from psycopg2 import sql
 
 from . import db, envinfo
@@ -59,12 +60,16 @@ def finish_run(conn, run_id: int, results: dict, repetitions: list[float] = (), 
 
 
 def fail_run(conn, run_id: int, error: str) -> None:
-    conn.rollback()
-    with conn.cursor() as cur:
-        cur.execute("UPDATE bench_run SET status = 'failed', finished_at = now(), "
-                    "detail = coalesce(detail, '{}'::jsonb) || jsonb_build_object('error', %s::text) "
-                    "WHERE run_id = %s AND status = 'running'", (error[:500], run_id))
-    conn.commit()
+    """Mark a run failed, best effort: if the database is gone, the run stays 'running' (never complete)."""
+    try:
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute("UPDATE bench_run SET status = 'failed', finished_at = now(), "
+                        "detail = coalesce(detail, '{}'::jsonb) || jsonb_build_object('error', %s::text) "
+                        "WHERE run_id = %s AND status = 'running'", (error[:500], run_id))
+        conn.commit()
+    except psycopg2.Error:
+        pass
 
 
 def dataset_info(conn) -> dict:
