@@ -46,3 +46,12 @@ CREATE OR REPLACE VIEW cifar_test AS
 CREATE OR REPLACE VIEW cifar_test_sample AS SELECT id, label, img FROM cifar_test WHERE id < 100;
 -- The first N test images for `cnnsql bench --limit N` (set by the benchmark).
 CREATE OR REPLACE VIEW cifar_test_head AS SELECT id, label, img FROM cifar_test WHERE id < 1000;
+
+-- Your own images (examples/classify_png.py): same layout as cifar_image, exposed the same way.
+CREATE TABLE IF NOT EXISTS user_image (
+    id    serial PRIMARY KEY,
+    name  text NOT NULL,
+    img   bytea NOT NULL CHECK (octet_length(img) = 3072)
+);
+CREATE OR REPLACE VIEW user_images AS
+    SELECT id, name, translate(encode(img, 'base64'), E'\n', '') AS img FROM user_image;

@@ -73,3 +73,23 @@ def conn(target):
     c = db.connect(target)
     yield c
     c.close()
+
+
+ENGINES = "torch,tensorflow,velox"
+
+
+@pytest.fixture(scope="session")
+def random_weights_file(tmp_path_factory):
+    from cnnsql import weights as W
+
+    path = tmp_path_factory.mktemp("w") / "random.npz"
+    W.save_weights(path, W.random_weights(3).arrays, {"trained_by": "random", "seed": 3})
+    return path
+
+
+@pytest.fixture(scope="session")
+def bench_session(loaded, random_weights_file):
+    """One small `cnnsql bench` over all engines (runs logged to the session database)."""
+    return run_cli("bench", "--engines", ENGINES, "--weights", str(random_weights_file), "--limit", "300",
+                   "--velox-sample", "4", "--repetitions", "2", "--warmup", "1", "--batch-sizes", "16,64",
+                   "--single-stream", "5", "--sql-single-stream", "1", "--quiet", timeout=1200)

@@ -4,29 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-import numpy as np
-import pytest
-
-from cnnsql import weights as W
-from conftest import run_cli
-
-ENGINES = "torch,tensorflow,velox"
-
-
-@pytest.fixture(scope="session")
-def random_weights_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "random.npz"
-    w = W.random_weights(3)
-    W.save_weights(path, w.arrays, {"trained_by": "random", "seed": 3})
-    return path
-
-
-@pytest.fixture(scope="session")
-def bench_session(loaded, random_weights_file):
-    out = run_cli("bench", "--engines", ENGINES, "--weights", str(random_weights_file), "--limit", "300",
-                  "--velox-sample", "4", "--repetitions", "2", "--warmup", "1", "--batch-sizes", "16,64",
-                  "--single-stream", "5", "--sql-single-stream", "1", "--quiet", timeout=1200)
-    return out
+from conftest import ENGINES, run_cli
 
 
 def psql(*args):
