@@ -1,0 +1,30 @@
+"""The Velox engine (real pyvelox plans) against the NumPy reference, with asymmetric random weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnsql.engines import get_engine
+from cnnsql.errors import CnnsqlError
+from cnnsql.weights import random_weights, reference_forward
+
+
+def test_velox_matches_reference():
+    w = random_weights(21)
+    images = np.random.default_rng(21).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    probs = get_engine("velox", w).predict(images)
+    ref = reference_forward(w, images)
+    assert probs.shape == (3, 10) and probs.dtype == np.float32
+    assert np.abs(probs - ref).max() < 1e-4
+    assert np.array_equal(probs.argmax(1), ref.argmax(1))
+
+
+def test_velox_two_runners_give_the_same_answer():
+    w = random_weights(22)
+    images = np.random.default_rng(22).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    assert np.abs(get_engine("velox", w, threads=2).predict(images) - reference_forward(w, images)).max() < 1e-4
+
+
+def test_velox_is_cpu_only():
+    with pytest.raises(CnnsqlError, match="cannot run on device 'cuda'"):
+        get_engine("velox", random_weights(0), device="cuda")
