@@ -35,13 +35,13 @@ class BenchConfig:
     threads: int = 2
     device: str = "cpu"
     limit: int | None = None            # test images for torch/tensorflow (default: all)
-    velox_sample: int = 100             # test images for velox
+    velox_sample: int = 48              # test images for velox (about 1.5 images/s)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
     sweep_images: int = 1024            # images per batch-size point (velox: velox_sweep_images)
-    velox_sweep_images: int = 16
+    velox_sweep_images: int = 4
     single_stream: int = 100            # one-image calls for the latency scenario (velox: 3)
     sql_single_stream: int = 5          # one-image SQL queries
-    train_epochs: int | None = None     # when no weights exist
+    train_epochs: int = 2               # when no weights exist: a short default model
     progress: bool = True
 
     def n_images(self, engine: str, available: int) -> int:
@@ -103,7 +103,7 @@ class Bench:
         from .training_cli import train_and_save
 
         self.say(f"no weights at {self.weights}: training a short default model first (torch, "
-                 f"{self.cfg.train_epochs or 'default'} epochs); pass --weights to use your own")
+                 f"{self.cfg.train_epochs} epochs; `cnnsql train` trains longer); pass --weights to use your own")
         train_and_save(self.conn, "torch", self.weights, epochs=self.cfg.train_epochs, device=self.cfg.device,
                        threads=self.cfg.threads, progress=self.cfg.progress)
 

@@ -47,11 +47,11 @@ def register_bench(sub) -> None:
     b.add_argument("--threads", type=int, default=2, help="intra-op threads / Velox drivers (default 2)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch/tensorflow device")
     b.add_argument("--limit", type=int, default=None, help="test images for torch/tensorflow (default: all)")
-    b.add_argument("--velox-sample", type=int, default=100, help="test images for Velox (default 100)")
+    b.add_argument("--velox-sample", type=int, default=48, help="test images for Velox (default 48)")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 64, 256], help="raw batch-size sweep")
     b.add_argument("--single-stream", type=int, default=100, help="one-image raw calls (Velox: 3)")
     b.add_argument("--sql-single-stream", type=int, default=5, help="one-image SQL queries per engine")
-    b.add_argument("--train-epochs", type=int, default=None, help="epochs of the default model if no weights exist")
+    b.add_argument("--train-epochs", type=int, default=2, help="epochs of the default model if no weights exist (2)")
     b.add_argument("--cluster", choices=["local", "ray"], default="local",
                    help="local: EvaDB SQL benchmark in this process; ray: engines as Ray actors over shards")
     b.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
