@@ -1,0 +1,143 @@
+"""Torch and TensorFlow engines against the NumPy reference, weight round trips, and a training smoke test.
+
+Both frameworks load in this one process on purpose: the CLI may use both in one run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnsql.engines import engine_class, get_engine
+from cnnsql.errors import CnnsqlError
+from cnnsql.weights import Weights, load_weights, random_weights, reference_forward, save_weights
+
+ENGINES = ("torch", "tensorflow")
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def weights() -> Weights:
+    return random_weights(7)
+
+
+@pytest.fixture(scope="module")
+def engines(weights):
+    return {name: get_engine(name, weights, threads=2) for name in ENGINES}
+
+
+@pytest.mark.parametrize("name", ENGINES)
+@pytest.mark.parametrize("n", [1, 5, 70])  # 70: more than one 64-image chunk
+def test_matches_reference(engines, weights, name, n):
+    x = images(n, seed=n)
+    ref = reference_forward(weights, x)
+    p = engines[name].predict_proba(x)
+    assert p.dtype == np.float32 and p.shape == (n, 10)
+    np.testing.assert_allclose(p, ref, atol=1e-4, rtol=0)
+    assert (p.argmax(1) == ref.argmax(1)).all()
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_predict_batches_and_flat_rows(engines, weights, name):
+    x = images(37, seed=3)
+    e = engines[name]
+    full = e.predict_proba(x)
+    np.testing.assert_allclose(e.predict(x.reshape(37, 3072), batch_size=10), full, atol=1e-6)
+    assert e.predict(x[:0]).shape == (0, 10)
+
+
+def test_engines_agree_in_one_process(engines):
+    x = images(40, seed=11)
+    p_torch, p_tf = (engines[n].predict_proba(x) for n in ENGINES)
+    np.testing.assert_allclose(p_torch, p_tf, atol=1e-4)
+    assert engines["torch"].describe()["torch"] and engines["tensorflow"].describe()["tensorflow"]
+
+
+@pytest.mark.parametrize("opts", [{"mode": "eager", "chunk": None}, {"mode": "channels_last", "chunk": 4}])
+def test_torch_modes(weights, opts):
+    x = images(9, seed=5)
+    p = get_engine("torch", weights, threads=2, **opts).predict_proba(x)
+    np.testing.assert_allclose(p, reference_forward(weights, x), atol=1e-4, rtol=0)
+
+
+def test_weights_round_trip(tmp_path, engines, weights):
+    path = tmp_path / "w.npz"
+    save_weights(path, weights.arrays, {"trained_by": "test"})
+    loaded = load_weights(path)
+    x = images(8, seed=2)
+    for name in ENGINES:
+        again = get_engine(name, loaded, threads=2).predict_proba(x)
+        np.testing.assert_array_equal(again, engines[name].predict_proba(x))
+
+
+def test_unknown_engine(weights):
+    with pytest.raises(CnnsqlError, match="unknown engine"):
+        get_engine("caffe", weights)
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_cuda_without_gpu(weights, name):
+    cls = engine_class(name)
+    try:
+        cls(weights, device="cuda")
+    except CnnsqlError as exc:
+        assert "cuda" in str(exc)
+    # on a machine with a GPU, constructing it succeeds: nothing to check
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_export_layout_round_trip(name, weights):
+    """neutral -> framework model -> neutral is exact (kernel transposes and fc1 permutation)."""
+    import importlib
+
+    mod = importlib.import_module(f"cnnsql.engines.{name}_engine")
+    model = mod.build_model()
+    mod.load_arrays(model, weights.arrays)
+    out = mod.export_arrays(model)
+    for k, v in weights.arrays.items():
+        np.testing.assert_array_equal(out[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_train_smoke(name):
+    from cnnsql.train import train
+
+    rng = np.random.default_rng(0)
+    x, y = images(192, seed=1), rng.integers(0, 10, 192)
+    xt, yt = images(64, seed=2), rng.integers(0, 10, 64)
+    arrays, h = train(name, x, y, xt, yt, epochs=1, batch_size=64, seed=0, threads=2, progress=False)
+    assert set(arrays) == set(random_weights(0).arrays)
+    assert h["framework"] == name and len(h["epochs"]) == 1
+    e = h["epochs"][0]
+    assert e["epoch"] == 1 and e["seconds"] > 0 and np.isfinite(e["loss"]) and 0 <= e["accuracy"] <= 1
+    assert 0 <= h["test_accuracy"] <= 1
+    # the engine on the exported weights reproduces the trained model exactly
+    assert h["export_max_abs_diff"] < 1e-5 and h["export_argmax_agreement"] == 1.0
+    p = get_engine(name, Weights(arrays), threads=2).predict(xt)
+    assert h["test_accuracy"] == pytest.approx(float((p.argmax(1) == yt).mean()))
+    # and the other framework agrees with it
+    other = get_engine(ENGINES[1 - ENGINES.index(name)], Weights(arrays), threads=2).predict(xt)
+    np.testing.assert_allclose(other, p, atol=1e-4)
+
+
+def test_train_is_seeded():
+    from cnnsql.train import train
+
+    rng = np.random.default_rng(1)
+    x, y = images(128, seed=4), rng.integers(0, 10, 128)
+    a1, _ = train("torch", x, y, x[:32], y[:32], epochs=1, batch_size=64, seed=3, threads=2, progress=False)
+    a2, _ = train("torch", x, y, x[:32], y[:32], epochs=1, batch_size=64, seed=3, threads=2, progress=False)
+    for k in a1:
+        np.testing.assert_array_equal(a1[k], a2[k], err_msg=k)
+
+
+def test_train_rejects_bad_input():
+    from cnnsql.train import train
+
+    x = images(4)
+    with pytest.raises(CnnsqlError, match="cannot train"):
+        train("velox", x, np.zeros(4), x, np.zeros(4), epochs=1, batch_size=2, seed=0)
+    with pytest.raises(CnnsqlError, match="labels"):
+        train("torch", x, np.full(4, 12), x, np.zeros(4), epochs=1, batch_size=2, seed=0)
