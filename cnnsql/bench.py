@@ -240,9 +240,10 @@ def format_table(rows: list[dict]) -> str:
             f"{'agree':>8}{'p50 ms':>9}{'p99 ms':>9}{'SQL 1-img ms':>14}{'CPU%':>7}{'RSS MB':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        agree = min((a["fraction"] for a in r.get("agreement", {}).values()), default=float("nan"))
+        fractions = [a["fraction"] for a in r.get("agreement", {}).values()]
+        agree = f"{min(fractions):.3f}" if fractions else "-"
         lines.append(f"{r['engine']:<11}{r['n']:>7}{r['raw_ips']:>11.1f}{r['sql_ips']:>11.1f}{r['overhead']:>9.3f}"
-                     f"{r['accuracy']:>10.4f}{agree:>8.3f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                     f"{r['accuracy']:>10.4f}{agree:>8}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                      f"{r['sql_p50_ms']:>14.1f}{(r['cpu_pct'] or 0):>7.0f}{(r['rss_mb'] or 0):>8.0f}")
     return "\n".join(lines)
 
