@@ -67,8 +67,10 @@ def fig_time(runs: pd.DataFrame, out: Path) -> Path:
     for ax, kind in zip(axes, ["sql", "raw"]):
         d = off[off.kind == kind]
         bars = ax.bar(d.engine, d.latency_ms, color=[COLORS.get(e) for e in d.engine])
-        _bar_labels(ax, bars, [f"{w:.2f} s / {n} img\n(median of {r})" for w, n, r in zip(d.wall_s, d.n_rows, d.repetitions)])
+        _bar_labels(ax, bars, [f"{w:.2f} s / {n} img\n(median of {int(r)})" for w, n, r in zip(d.wall_s, d.n_rows, d.repetitions)])
         ax.set_yscale("log")
+        if len(d):
+            ax.set_ylim(top=d.latency_ms.max() * 20)  # room for the labels above the tallest bar
         ax.set_ylabel("milliseconds per image (log)")
         ax.set_title(f"{'EvaDB SQL query' if kind == 'sql' else 'raw engine, no SQL'}: time per image")
     fig.suptitle("Figure 1: inference time per engine (offline scenario, test split)")
@@ -156,15 +158,15 @@ def fig_overhead(table: pd.DataFrame, out: Path) -> Path:
 def fig_accuracy(runs: pd.DataFrame, out: Path) -> Path:
     plt = _plt()
     d = runs[(runs.kind == "sql") & (runs.scenario == "offline")]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bars = ax.bar(d.engine, d.accuracy, color=[COLORS.get(e) for e in d.engine])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bars = ax.bar(d.engine, d.accuracy, color=[COLORS.get(e) for e in d.engine], width=0.6)
     texts = []
     for _, r in d.iterrows():
         ag = r.agreement if isinstance(r.agreement, dict) else json.loads(r.agreement or "{}")
-        agree = ", ".join(f"{k} {v['fraction']:.3f} (n={v['n']})" for k, v in ag.items())
-        texts.append(f"acc {r.accuracy:.4f} (n={r.n_rows})\nagree: {agree}")
+        agree = "".join(f"\nagrees with {k}: {v['fraction']:.3f} (n={v['n']})" for k, v in ag.items())
+        texts.append(f"accuracy {r.accuracy:.4f} (n={r.n_rows}){agree}")
     _bar_labels(ax, bars, texts)
-    ax.set_ylim(0, 1.15)
+    ax.set_ylim(0, 1.3)
     ax.set_ylabel("top-1 accuracy (SQL output vs labels)")
     ax.set_title("Accuracy and top-1 agreement between engines")
     fig.tight_layout()
@@ -222,7 +224,8 @@ def claims(runs: pd.DataFrame) -> list[str]:
     sqlr = runs[(runs.kind == "sql") & (runs.scenario == "offline")].set_index("engine")
     lines = []
     if not sqlr.empty:
-        measured = {e: f"{sqlr.loc[e, 'latency_ms'] * 10:.2f} s per 1,000 images" for e in sqlr.index}
+        measured = {e: (f"{sqlr.loc[e, 'latency_ms'] * 10:.1f} s per 10,000 images ("
+                        f"{sqlr.loc[e, 'wall_s']:.2f} s measured on {int(sqlr.loc[e, 'n_rows'])})") for e in sqlr.index}
         order = list(sqlr.sort_values("latency_ms").index)
         lines.append("Study: Velox 0.13 s < TensorFlow 1.6 s < PyTorch 2.3 s. Measured (SQL offline): "
                      + "; ".join(f"{e} {measured[e]}" for e in order) + ". Order here: " + " < ".join(order) + ". "
@@ -232,7 +235,8 @@ def claims(runs: pd.DataFrame) -> list[str]:
         gpu = "; ".join(f"{e} {sqlr.loc[e, 'gpu_pct']:.0f}% GPU" for e in sqlr.index if pd.notna(sqlr.loc[e, "gpu_pct"]))
         lines.append("Study: TensorFlow 51% CPU / 38% GPU, PyTorch 32% / 10%. Measured: " + cpu + ". "
                      + (gpu if gpu else "No GPU on this machine, so the GPU figures cannot be checked here.")
-                     + " (CPU% here is 100 per busy core.)")
+                     + " (CPU% here is 100 per busy core, 200 = both cores; the study's figures are"
+                     " percentages of the whole machine, so divide ours by 2 to compare.)")
     return lines
 
 
