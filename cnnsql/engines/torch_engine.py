@@ -117,7 +117,9 @@ class TorchEngine(Engine):
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        images = np.ascontiguousarray(check_images(images))
+        images = check_images(images)
+        if not (images.flags.c_contiguous and images.flags.writeable):  # torch warns on read-only arrays
+            images = np.array(images, order="C")
         with torch.inference_mode():
             return run_chunked(self._proba, images, self.chunk)
 
