@@ -147,25 +147,28 @@ def test_server_restart_during_a_benchmark_fails_clearly_and_leaves_no_complete_
 
 
 def test_benchmark_killed_mid_run_leaves_no_complete_looking_run(loaded, conn, good_weights):
+    watcher = db.connect()
+    watcher.autocommit = True
+    with watcher.cursor() as cur:
+        cur.execute("SELECT coalesce(max(run_id), 0) FROM bench_run")
+        last_run = cur.fetchone()[0]
     proc = subprocess.Popen([sys.executable, "-m", "cnnsql", "bench", "--engines", "torch", "--weights",
                              str(good_weights), "--limit", "3000", "--repetitions", "3", "--quiet"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    watcher = db.connect()
-    watcher.autocommit = True
     deadline = time.monotonic() + 300
     running = None
     while time.monotonic() < deadline and running is None and proc.poll() is None:
         with watcher.cursor() as cur:
             cur.execute("SELECT run_id, session_id FROM bench_run WHERE status = 'running' AND kind = 'sql' "
-                        "AND started_at > now() - interval '5 minutes'")
+                        "AND scenario = 'offline' AND run_id > %s", (last_run,))
             running = cur.fetchone()
         time.sleep(0.05)
     assert running, "the benchmark finished before it could be killed"
     proc.kill()
     proc.wait(timeout=60)
     with watcher.cursor() as cur:
-        cur.execute("SELECT count(*) FROM bench_run WHERE session_id = %s AND status = 'complete' AND kind = 'sql'",
-                    (running[1],))
+        cur.execute("SELECT count(*) FROM bench_run WHERE session_id = %s AND status = 'complete' AND kind = 'sql' "
+                    "AND scenario = 'offline'", (running[1],))
         assert cur.fetchone()[0] == 0
         cur.execute("SELECT status FROM bench_run WHERE run_id = %s", (running[0],))
         assert cur.fetchone()[0] == "running"  # stays visibly unfinished
