@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from cnnsql import cifar, config, db
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def test_cluster_start_twice_status_and_url(target):
@@ -95,6 +96,20 @@ def test_synthetic_is_labelled_and_deterministic(target, tmp_path):
     assert digest() == d1 and d1.endswith("synthetic")
     assert "500|100" in subprocess.run(["psql", url, "-Atc", "SELECT (SELECT count(*) FROM cifar_image_train) || '|' || (SELECT count(*) FROM cifar_image_test)"],
                                         capture_output=True, text=True, check=True).stdout
+
+
+def test_loaders_entry_point_loads_through_the_same_code(target):
+    env = {**os.environ, "CNNSQL_DB": "loaders_check"}
+    proc = subprocess.run([sys.executable, "-m", "loaders.cifar10", "--quiet", "--synthetic", "40"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    url = run_cli("db", "url", env={"CNNSQL_DB": "loaders_check"}).stdout.strip()
+    counts = subprocess.run(["psql", url, "-Atc", "SELECT split || '=' || count(*) FROM cifar_image GROUP BY split ORDER BY split"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert counts == ["test=8", "train=40"]
+    bad = subprocess.run([sys.executable, "-m", "loaders.cifar10", "--source", "/nonexistent.tar.gz"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("cnnsql: error:")
 
 
 def test_source_resolution_order(monkeypatch, tmp_path):
