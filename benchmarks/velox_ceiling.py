@@ -56,14 +56,14 @@ def main() -> None:
         ceil[d] = ceiling(args.rows, args.length, d)
         print(f"{f'ceiling, {d} driver(s), best of 3':<44}{ceil[d]:>12.3g} MAC/s")
     images = np.random.default_rng(0).integers(0, 256, (args.images, 3, 32, 32), dtype=np.uint8)
-    for runners in (1, 2):
-        engine = get_engine("velox", random_weights(0), threads=runners)
+    for drivers in (1, 2):
+        engine = get_engine("velox", random_weights(0), threads=drivers)
         engine.predict(images[:1])  # warm-up
         t0 = time.perf_counter()
         engine.predict(images)
         dt = time.perf_counter() - t0
         macs = args.images * MACS_PER_IMAGE / dt
-        print(f"{f'engine, {runners} runner(s), {args.images} images':<44}{args.images / dt:>10.2f} img/s "
+        print(f"{f'engine, {drivers} driver(s), {args.images} images':<44}{args.images / dt:>10.2f} img/s "
               f"= {macs:.3g} MAC/s ({macs / max(ceil.values()):.0%} of the best ceiling)")
 
 

@@ -19,7 +19,7 @@ def test_velox_matches_reference():
     assert np.array_equal(probs.argmax(1), ref.argmax(1))
 
 
-def test_velox_two_runners_give_the_same_answer():
+def test_velox_two_drivers_give_the_same_answer():
     w = random_weights(22)
     images = np.random.default_rng(22).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
     assert np.abs(get_engine("velox", w, threads=2).predict(images) - reference_forward(w, images)).max() < 1e-4

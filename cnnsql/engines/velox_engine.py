@@ -4,7 +4,9 @@ CPU only (Velox has no GPU path). One row per image flows through project nodes 
 lambdas do the work; NumPy only converts at the boundary (images in, probabilities out) and
 lays out the weights once (reorders, no arithmetic on the data):
 
-  values(img: array<real> 3072, CHW)
+  table_scan over one DWRF file per image (rid, img: array<real> 3072, CHW), written by a Velox
+  table_write plan: a scan with several splits lets `threads` drivers share the images (a values
+  source is single-driver)
   -> x  = transform(img, v -> v / 255)
   -> p1 = 900 conv1 patches of 27 values, gathered with element_at over sequence() indices
   -> c1 = per patch, zip_with over the 64 filters (a constant nested array literal):
@@ -20,6 +22,7 @@ Formulations tried and their cost are in benchmarks/VELOX.md.
 """
 from __future__ import annotations
 
+import tempfile
 import threading
 
 import numpy as np
@@ -64,8 +67,27 @@ CONV_STAGES = [
 ]
 
 
+_HIVE_LOCK = threading.Lock()
+_HIVE_REGISTERED = False
+
+
+def _register_hive() -> None:
+    """The table scan and writer need the Hive connector, registered once per process."""
+    global _HIVE_REGISTERED
+    with _HIVE_LOCK:
+        if not _HIVE_REGISTERED:
+            from pyvelox.runner import register_hive
+
+            try:
+                register_hive("hive")
+            except RuntimeError as exc:  # registered by other code in this process
+                if "already registered" not in str(exc):
+                    raise
+            _HIVE_REGISTERED = True
+
+
 class VeloxEngine(Engine):
-    """`threads` = LocalRunners run at once, each on its own share of the batch (default 1)."""
+    """`threads` = Velox drivers of the one plan (default 1); the scan's splits are shared among them."""
 
     name = "velox"
     devices = ("cpu",)
@@ -90,10 +112,12 @@ class VeloxEngine(Engine):
             "wk": pa.array(np.zeros(512, np.int64)), "o": pa.array(np.arange(512, dtype=np.int32)),
             "fw": _list_array(pa, fc1), "fb": pa.array(w["fc1.bias"])}))
 
-    def _plan(self, vectors):
+    def _plan(self, files):
+        from pyvelox import type as vt
         from pyvelox.plan_builder import PlanBuilder
 
-        pb = PlanBuilder().values(vectors)
+        schema = vt.ROW(["rid", "img"], [vt.BIGINT(), vt.ARRAY(vt.REAL())])
+        pb = PlanBuilder().table_scan(schema, input_files=files)
         for i, stage in enumerate(self._stages):
             pb = pb.project(["rid", stage] + (["0 AS k"] if i == len(self._stages) - 1 else []))
         build = pb.new_builder().values([self._fc1]).get_plan_node()
@@ -106,44 +130,47 @@ class VeloxEngine(Engine):
                 .project(["rid", "transform(e, v -> v / array_sum(e)) AS prob"])
                 .get_plan_node())
 
-    def _run(self, images: np.ndarray, rids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One LocalRunner over `images` (one vector per image keeps memory bounded)."""
+    def _write_inputs(self, images: np.ndarray, folder: str) -> tuple[list, list]:
+        """One DWRF file per image (one row each keeps memory bounded), written by Velox itself.
+        Returns the files and the writer runners: destroying a writer before the scan has run
+        aborts the process (pyvelox 0.2.0), so the caller keeps them until then."""
+        from pyvelox import file as vf
+        from pyvelox.plan_builder import PlanBuilder
         from pyvelox.runner import LocalRunner
 
         pa, va = self._pa, self._va
         flat = images.reshape(len(images), -1).astype(np.float32)
-        vectors = [va.to_velox(pa.record_batch({"rid": pa.array(rids[i:i + 1]), "img": _list_array(pa, flat[i:i + 1])}))
-                   for i in range(len(images))]
-        runner = LocalRunner(self._plan(vectors))
-        batches = [va.to_arrow(b) for b in runner.execute(1)]
-        rid = np.concatenate([b.field("rid").to_numpy() for b in batches])
-        prob = np.concatenate([np.asarray(b.field("prob").flatten().to_numpy(), np.float64).reshape(-1, 10)
-                               for b in batches])
-        del batches  # the Arrow arrays point into the runner's memory: drop them first
-        del runner
-        return rid, prob
+        files, writers = [], []
+        for i in range(len(images)):
+            path = f"{folder}/img{i}.dwrf"
+            vector = va.to_velox(pa.record_batch({"rid": pa.array([i], pa.int64()), "img": _list_array(pa, flat[i:i + 1])}))
+            writer = LocalRunner(PlanBuilder().values([vector]).table_write(output_file=vf.DWRF(path)).get_plan_node())
+            for _ in writer.execute(1):
+                pass
+            writers.append(writer)
+            files.append(vf.DWRF(path))
+        return files, writers
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        from pyvelox.runner import LocalRunner
+
         images = check_images(images)
         n = len(images)
-        parts = max(1, min(self.threads or 1, n))
-        shares = np.array_split(np.arange(n, dtype=np.int64), parts)
-        results: list = [None] * parts
-
-        def work(k: int) -> None:
-            results[k] = self._run(images[shares[k]], shares[k])
-
-        if parts == 1:
-            work(0)
-        else:
-            threads = [threading.Thread(target=work, args=(k,)) for k in range(parts)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
         out = np.empty((n, 10), dtype=np.float32)
-        for rid, prob in results:
-            out[rid] = prob
+        if n == 0:
+            return out
+        _register_hive()
+        drivers = max(1, min(self.threads or 1, n))
+        with tempfile.TemporaryDirectory(prefix="cnnsql-velox-") as folder:
+            files, writers = self._write_inputs(images, folder)
+            runner = LocalRunner(self._plan(files))
+            batches = [self._va.to_arrow(b) for b in runner.execute(drivers)]
+            for batch in batches:
+                out[batch.field("rid").to_numpy()] = np.asarray(batch.field("prob").flatten().to_numpy(),
+                                                                np.float64).reshape(-1, 10)
+            del batches, batch  # the Arrow arrays point into the runner's memory: drop them first
+            del runner
+            del writers
         return out
 
     def describe(self) -> dict:
