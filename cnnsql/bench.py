@@ -76,6 +76,14 @@ class Bench:
     # --- set-up ---------------------------------------------------------------------------
 
     def prepare(self) -> None:
+        if "velox" in self.cfg.engines and (self.cfg.threads or 1) > 1:
+            # Run Velox's DWRF writer once before TensorFlow loads (training or the engine): afterwards
+            # it keeps working, while a first use after TensorFlow fails and Velox falls back to one
+            # driver (see velox_engine.py). Throw-away weights and images: only the writer matters.
+            from .engines import get_engine
+            from .weights import random_weights
+
+            get_engine("velox", random_weights(0), threads=2).predict(np.zeros((2, 3, 32, 32), np.uint8))
         db.ensure_schema(self.conn)
         info = results.dataset_info(self.conn)
         if "test" not in info or "train" not in info:
@@ -89,6 +97,7 @@ class Bench:
         if not self.weights.exists():
             self._train_default()
         os.environ["CNNSQL_WEIGHTS"] = str(self.weights)  # read by the EvaDB functions
+        os.environ["CNNSQL_THREADS"] = str(self.cfg.threads)  # the SQL path runs with the raw path's threads
         self.ids, self.images, self.labels = data.fetch_split(self.conn, "test")
         with self.conn.cursor() as cur:  # the Velox sample, and the --limit subset
             for view, n in (("cifar_test_sample", self.cfg.velox_sample), ("cifar_test_head", self.cfg.limit or 0)):

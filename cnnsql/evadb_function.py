@@ -84,6 +84,7 @@ class CNNFunction(AbstractFunction):
     @setup(cacheable=False, function_type="Classification", batchable=True)
     def setup(self, weights: str | None = None, device: str = "cpu", threads=None, batch_size=None):
         # EvaDB instantiates functions at CREATE FUNCTION time: the engine loads on first use.
+        threads = threads or os.environ.get("CNNSQL_THREADS")  # set by `cnnsql bench --threads`
         self.options = (str(weights or default_weights()), device, int(threads) if threads else None)
         self.batch_size = int(batch_size) if batch_size else None
         self.engine = None

@@ -5,8 +5,9 @@ lambdas do the work; NumPy only converts at the boundary (images in, probabiliti
 lays out the weights once (reorders, no arithmetic on the data):
 
   table_scan over one DWRF file per image (rid, img: array<real> 3072, CHW), written by a Velox
-  table_write plan: a scan with several splits lets `threads` drivers share the images (a values
-  source is single-driver)
+  table_write plan: a scan with several splits lets `threads` drivers share the images. Fallback,
+  single-driver: a values node with one vector per image (used when 1 driver is asked for, or when
+  the DWRF writer fails: TensorFlow loaded first in the same process breaks its config parser)
   -> x  = transform(img, v -> v / 255)
   -> p1 = 900 conv1 patches of 27 values, gathered with element_at over sequence() indices
   -> c1 = per patch, zip_with over the 64 filters (a constant nested array literal):
@@ -22,6 +23,7 @@ Formulations tried and their cost are in benchmarks/VELOX.md.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 
@@ -31,6 +33,7 @@ from ..weights import Weights
 from .base import Engine, check_images
 
 R0 = "REAL '0.0'"
+log = logging.getLogger(__name__)
 
 
 def _lit_real(a: np.ndarray) -> str:
@@ -98,6 +101,8 @@ class VeloxEngine(Engine):
         import pyarrow as pa
         import pyvelox.arrow as va
 
+        self.source = "table_scan"  # becomes "values" if the DWRF writer cannot run in this process
+
         self._pa, self._va = pa, va
         w = weights
         stages = list(CONV_STAGES)
@@ -112,12 +117,15 @@ class VeloxEngine(Engine):
             "wk": pa.array(np.zeros(512, np.int64)), "o": pa.array(np.arange(512, dtype=np.int32)),
             "fw": _list_array(pa, fc1), "fb": pa.array(w["fc1.bias"])}))
 
-    def _plan(self, files):
+    def _plan(self, *, files=None, vectors=None):
         from pyvelox import type as vt
         from pyvelox.plan_builder import PlanBuilder
 
-        schema = vt.ROW(["rid", "img"], [vt.BIGINT(), vt.ARRAY(vt.REAL())])
-        pb = PlanBuilder().table_scan(schema, input_files=files)
+        if files is not None:
+            schema = vt.ROW(["rid", "img"], [vt.BIGINT(), vt.ARRAY(vt.REAL())])
+            pb = PlanBuilder().table_scan(schema, input_files=files)
+        else:
+            pb = PlanBuilder().values(vectors)
         for i, stage in enumerate(self._stages):
             pb = pb.project(["rid", stage] + (["0 AS k"] if i == len(self._stages) - 1 else []))
         build = pb.new_builder().values([self._fc1]).get_plan_node()
@@ -139,11 +147,9 @@ class VeloxEngine(Engine):
         from pyvelox.runner import LocalRunner
 
         pa, va = self._pa, self._va
-        flat = images.reshape(len(images), -1).astype(np.float32)
         files, writers = [], []
-        for i in range(len(images)):
+        for i, vector in enumerate(self._vectors(images)):
             path = f"{folder}/img{i}.dwrf"
-            vector = va.to_velox(pa.record_batch({"rid": pa.array([i], pa.int64()), "img": _list_array(pa, flat[i:i + 1])}))
             writer = LocalRunner(PlanBuilder().values([vector]).table_write(output_file=vf.DWRF(path)).get_plan_node())
             for _ in writer.execute(1):
                 pass
@@ -151,33 +157,53 @@ class VeloxEngine(Engine):
             files.append(vf.DWRF(path))
         return files, writers
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def _vectors(self, images: np.ndarray) -> list:
+        pa, va = self._pa, self._va
+        flat = images.reshape(len(images), -1).astype(np.float32)
+        return [va.to_velox(pa.record_batch({"rid": pa.array([i], pa.int64()), "img": _list_array(pa, flat[i:i + 1])}))
+                for i in range(len(images))]
+
+    def _execute(self, plan, drivers: int, out: np.ndarray) -> None:
         from pyvelox.runner import LocalRunner
 
+        runner = LocalRunner(plan)
+        batches = [self._va.to_arrow(b) for b in runner.execute(drivers)]
+        for batch in batches:
+            out[batch.field("rid").to_numpy()] = np.asarray(batch.field("prob").flatten().to_numpy(),
+                                                            np.float64).reshape(-1, 10)
+        del batches, batch  # the Arrow arrays point into the runner's memory: drop them first
+        del runner
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
         images = check_images(images)
         n = len(images)
         out = np.empty((n, 10), dtype=np.float32)
         if n == 0:
             return out
-        _register_hive()
         drivers = max(1, min(self.threads or 1, n))
-        with tempfile.TemporaryDirectory(prefix="cnnsql-velox-") as folder:
-            files, writers = self._write_inputs(images, folder)
-            runner = LocalRunner(self._plan(files))
-            batches = [self._va.to_arrow(b) for b in runner.execute(drivers)]
-            for batch in batches:
-                out[batch.field("rid").to_numpy()] = np.asarray(batch.field("prob").flatten().to_numpy(),
-                                                                np.float64).reshape(-1, 10)
-            del batches, batch  # the Arrow arrays point into the runner's memory: drop them first
-            del runner
-            del writers
+        if drivers > 1 and self.source == "table_scan":
+            _register_hive()
+            with tempfile.TemporaryDirectory(prefix="cnnsql-velox-") as folder:
+                try:
+                    files, writers = self._write_inputs(images, folder)
+                except RuntimeError as exc:
+                    if "Invalid capacity string" not in str(exc):
+                        raise
+                    self.source = "values"
+                    log.warning("Velox's DWRF writer fails in this process (TensorFlow was loaded first and breaks "
+                                "its config parser): Velox falls back to a values source with 1 driver")
+                else:
+                    self._execute(self._plan(files=files), drivers, out)
+                    del writers  # only after the scan: destroying a writer earlier aborts pyvelox 0.2.0
+                    return out
+        self._execute(self._plan(vectors=self._vectors(images)), 1, out)
         return out
 
     def describe(self) -> dict:
         import importlib.metadata
 
         return {**super().describe(), "pyvelox": importlib.metadata.version("pyvelox"),
-                "runners": self.threads or 1, "device_note": "Velox runs on the CPU only"}
+                "drivers": self.threads or 1, "source": self.source, "device_note": "Velox runs on the CPU only"}
 
 
 def _list_array(pa, mat: np.ndarray):
