@@ -58,11 +58,11 @@ def real_cifar() -> Path | None:
 
 @pytest.fixture(scope="session")
 def loaded(target, real_cifar):
-    """The database with a dataset loaded: real CIFAR-10 when available, else 2,000 synthetic."""
+    """The database with a dataset loaded: real CIFAR-10 when available, else 20,000 synthetic (4,000 test)."""
     if real_cifar:
         run_cli("load", "--quiet", "--source", str(real_cifar))
         return "cifar-10"
-    run_cli("load", "--quiet", "--synthetic", "2000")
+    run_cli("load", "--quiet", "--synthetic", "20000")
     return "synthetic"
 
 

@@ -18,6 +18,7 @@ from cnnsql.weights import load_weights
 from conftest import REPO, run_cli
 
 N = 1500
+KILL_N = 4000  # enough work that the killed worker cannot have finished its shards
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_two_workers_match_single_process(loaded, conn, weights_file):
 def test_killed_worker_run_completes_without_duplicates(loaded, conn, weights_file):
     proc = subprocess.Popen(
         [sys.executable, "-m", "cnnsql", "bench", "--cluster", "ray", "--engines", "torch", "--workers", "2",
-         "--limit", str(N * 2), "--repetitions", "1", "--weights", str(weights_file)],
+         "--limit", str(KILL_N), "--repetitions", "1", "--weights", str(weights_file)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = None
     for line in proc.stderr:
@@ -68,7 +69,7 @@ def test_killed_worker_run_completes_without_duplicates(loaded, conn, weights_fi
             pids = json.loads(line.split("pids ")[1])
             break
     assert pids, "no worker pids reported"
-    time.sleep(1.0)
+    time.sleep(0.3)  # each worker has 4 shards of KILL_N / 8 images, ~0.4 s each: kill it mid-way
     os.kill(pids[0], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=600)
     if proc.returncode != 0:  # allowed: a clear failure, and a run marked failed
@@ -83,6 +84,6 @@ def test_killed_worker_run_completes_without_duplicates(loaded, conn, weights_fi
     assert logged == status
     if status == "complete":
         rows = predictions(conn, "ray_prediction", run_id)
-        assert [r[0] for r in rows] == list(range(N * 2))  # none missing, none twice
+        assert [r[0] for r in rows] == list(range(KILL_N))  # none missing, none twice
         seen = {int(w.rsplit(":", 1)[1]) for w in detail["workers_seen"]}
         assert seen - set(pids), (pids, detail)  # a restarted worker finished the killed one's work
