@@ -146,7 +146,6 @@ class VeloxEngine(Engine):
         from pyvelox.plan_builder import PlanBuilder
         from pyvelox.runner import LocalRunner
 
-        pa, va = self._pa, self._va
         files, writers = [], []
         for i, vector in enumerate(self._vectors(images)):
             path = f"{folder}/img{i}.dwrf"
