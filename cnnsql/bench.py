@@ -77,13 +77,10 @@ class Bench:
 
     def prepare(self) -> None:
         if "velox" in self.cfg.engines and (self.cfg.threads or 1) > 1:
-            # Run Velox's DWRF writer once before TensorFlow loads (training or the engine): afterwards
-            # it keeps working, while a first use after TensorFlow fails and Velox falls back to one
-            # driver (see velox_engine.py). Throw-away weights and images: only the writer matters.
-            from .engines import get_engine
-            from .weights import random_weights
+            # Before TensorFlow loads (training or the engine): else Velox falls back to one driver.
+            from .engines.velox_engine import prime_dwrf_writer
 
-            get_engine("velox", random_weights(0), threads=2).predict(np.zeros((2, 3, 32, 32), np.uint8))
+            prime_dwrf_writer()
         db.ensure_schema(self.conn)
         info = results.dataset_info(self.conn)
         if "test" not in info or "train" not in info:

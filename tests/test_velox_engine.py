@@ -30,8 +30,11 @@ def test_velox_two_drivers_give_the_same_answer():
 
 DRIVERS_SCRIPT = """
 import sys
-if sys.argv[1] == "tf-first":
-    import tensorflow  # noqa: F401  (breaks the DWRF writer's config parser in this process)
+if sys.argv[1] == "primed-then-tf":
+    from cnnsql.engines.velox_engine import prime_dwrf_writer
+    prime_dwrf_writer()
+if sys.argv[1] != "velox-only":
+    import tensorflow  # noqa: F401  (breaks an unused DWRF writer's config parser in this process)
 import numpy as np
 from cnnsql.engines import get_engine
 from cnnsql.weights import random_weights, reference_forward
@@ -43,7 +46,8 @@ print(engine.source, diff < 1e-4)
 """
 
 
-@pytest.mark.parametrize("mode, source", [("velox-only", "table_scan"), ("tf-first", "values")])
+@pytest.mark.parametrize("mode, source", [("velox-only", "table_scan"), ("tf-first", "values"),
+                                          ("primed-then-tf", "table_scan")])
 def test_velox_parallel_scan_and_its_fallback(mode, source):
     # A fresh process each: which source works depends on what was loaded before Velox.
     proc = subprocess.run([sys.executable, "-c", DRIVERS_SCRIPT, mode], capture_output=True, text=True, timeout=600)

@@ -23,9 +23,9 @@ Formulations tried and their cost are in benchmarks/VELOX.md.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
-import threading
 
 import numpy as np
 
@@ -70,23 +70,39 @@ CONV_STAGES = [
 ]
 
 
-_HIVE_LOCK = threading.Lock()
-_HIVE_REGISTERED = False
-
-
+@functools.cache
 def _register_hive() -> None:
     """The table scan and writer need the Hive connector, registered once per process."""
-    global _HIVE_REGISTERED
-    with _HIVE_LOCK:
-        if not _HIVE_REGISTERED:
-            from pyvelox.runner import register_hive
+    from pyvelox.runner import register_hive
 
-            try:
-                register_hive("hive")
-            except RuntimeError as exc:  # registered by other code in this process
-                if "already registered" not in str(exc):
-                    raise
-            _HIVE_REGISTERED = True
+    try:
+        register_hive("hive")
+    except RuntimeError as exc:  # registered by other code in this process
+        if "already registered" not in str(exc):
+            raise
+
+
+def _write_dwrf(vector, path: str):
+    """Write one Velox vector to a DWRF file with a table_write plan; returns the file handle."""
+    from pyvelox import file as vf
+    from pyvelox.plan_builder import PlanBuilder
+    from pyvelox.runner import LocalRunner
+
+    _register_hive()
+    writer = LocalRunner(PlanBuilder().values([vector]).table_write(output_file=vf.DWRF(path)).get_plan_node())
+    for _ in writer.execute(1):
+        pass
+    return vf.DWRF(path)
+
+
+def prime_dwrf_writer() -> None:
+    """Run the DWRF writer once. Its first use after TensorFlow has loaded fails ("Invalid capacity
+    string"), while a writer used before TensorFlow keeps working: call this before loading it."""
+    import pyarrow as pa
+    import pyvelox.arrow as va
+
+    with tempfile.TemporaryDirectory(prefix="cnnsql-velox-") as folder:
+        _write_dwrf(va.to_velox(pa.record_batch({"x": pa.array([0], pa.int64())})), f"{folder}/prime.dwrf")
 
 
 class VeloxEngine(Engine):
@@ -138,23 +154,9 @@ class VeloxEngine(Engine):
                 .project(["rid", "transform(e, v -> v / array_sum(e)) AS prob"])
                 .get_plan_node())
 
-    def _write_inputs(self, images: np.ndarray, folder: str) -> tuple[list, list]:
-        """One DWRF file per image (one row each keeps memory bounded), written by Velox itself.
-        Returns the files and the writer runners: destroying a writer before the scan has run
-        aborts the process (pyvelox 0.2.0), so the caller keeps them until then."""
-        from pyvelox import file as vf
-        from pyvelox.plan_builder import PlanBuilder
-        from pyvelox.runner import LocalRunner
-
-        files, writers = [], []
-        for i, vector in enumerate(self._vectors(images)):
-            path = f"{folder}/img{i}.dwrf"
-            writer = LocalRunner(PlanBuilder().values([vector]).table_write(output_file=vf.DWRF(path)).get_plan_node())
-            for _ in writer.execute(1):
-                pass
-            writers.append(writer)
-            files.append(vf.DWRF(path))
-        return files, writers
+    def _write_inputs(self, images: np.ndarray, folder: str) -> list:
+        """One DWRF file per image (one row each keeps memory bounded), written by Velox itself."""
+        return [_write_dwrf(vector, f"{folder}/img{i}.dwrf") for i, vector in enumerate(self._vectors(images))]
 
     def _vectors(self, images: np.ndarray) -> list:
         pa, va = self._pa, self._va
@@ -181,10 +183,9 @@ class VeloxEngine(Engine):
             return out
         drivers = max(1, min(self.threads or 1, n))
         if drivers > 1 and self.source == "table_scan":
-            _register_hive()
             with tempfile.TemporaryDirectory(prefix="cnnsql-velox-") as folder:
                 try:
-                    files, writers = self._write_inputs(images, folder)
+                    files = self._write_inputs(images, folder)
                 except RuntimeError as exc:
                     if "Invalid capacity string" not in str(exc):
                         raise
@@ -193,7 +194,6 @@ class VeloxEngine(Engine):
                                 "its config parser): Velox falls back to a values source with 1 driver")
                 else:
                     self._execute(self._plan(files=files), drivers, out)
-                    del writers  # only after the scan: destroying a writer earlier aborts pyvelox 0.2.0
                     return out
         self._execute(self._plan(vectors=self._vectors(images)), 1, out)
         return out
