@@ -113,8 +113,9 @@ def test_two_benchmarks_at_once_log_distinct_complete_sessions(loaded, conn, goo
     conn.rollback()
 
 
-def test_server_restart_during_a_benchmark_fails_clearly_and_leaves_no_complete_looking_run(loaded, conn,
-                                                                                             good_weights):
+def start_bench_and_wait_for_running_run(good_weights, condition: str, params: tuple):
+    """Start `cnnsql bench` on torch; return (process, watcher connection, (run_id, session_id)) of the
+    first run that matches `condition` while it is still 'running' (None if none appeared)."""
     proc = subprocess.Popen([sys.executable, "-m", "cnnsql", "bench", "--engines", "torch", "--weights",
                              str(good_weights), "--limit", "3000", "--repetitions", "3", "--quiet"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -124,10 +125,16 @@ def test_server_restart_during_a_benchmark_fails_clearly_and_leaves_no_complete_
     running = None
     while time.monotonic() < deadline and running is None and proc.poll() is None:
         with watcher.cursor() as cur:
-            cur.execute("SELECT run_id, session_id FROM bench_run WHERE status = 'running' AND kind = 'raw' "
-                        "AND started_at > now() - interval '5 minutes'")
+            cur.execute("SELECT run_id, session_id FROM bench_run WHERE status = 'running' AND " + condition, params)
             running = cur.fetchone()
         time.sleep(0.05)
+    return proc, watcher, running
+
+
+def test_server_restart_during_a_benchmark_fails_clearly_and_leaves_no_complete_looking_run(loaded, conn,
+                                                                                             good_weights):
+    proc, watcher, running = start_bench_and_wait_for_running_run(
+        good_weights, "kind = 'raw' AND started_at > now() - interval '5 minutes'", ())
     watcher.close()
     assert running, "the benchmark finished before the restart"
     cluster = db.private_cluster()
@@ -152,17 +159,9 @@ def test_benchmark_killed_mid_run_leaves_no_complete_looking_run(loaded, conn, g
     with watcher.cursor() as cur:
         cur.execute("SELECT coalesce(max(run_id), 0) FROM bench_run")
         last_run = cur.fetchone()[0]
-    proc = subprocess.Popen([sys.executable, "-m", "cnnsql", "bench", "--engines", "torch", "--weights",
-                             str(good_weights), "--limit", "3000", "--repetitions", "3", "--quiet"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    running = None
-    while time.monotonic() < deadline and running is None and proc.poll() is None:
-        with watcher.cursor() as cur:
-            cur.execute("SELECT run_id, session_id FROM bench_run WHERE status = 'running' AND kind = 'sql' "
-                        "AND scenario = 'offline' AND run_id > %s", (last_run,))
-            running = cur.fetchone()
-        time.sleep(0.05)
+    proc, watcher2, running = start_bench_and_wait_for_running_run(
+        good_weights, "kind = 'sql' AND scenario = 'offline' AND run_id > %s", (last_run,))
+    watcher2.close()
     assert running, "the benchmark finished before it could be killed"
     proc.kill()
     proc.wait(timeout=60)
