@@ -8,7 +8,7 @@ import string
 import warnings
 from pathlib import Path
 
-from . import config, db
+from . import config, db, evadb_patch
 from .errors import CnnsqlError
 
 UDF_DIR = Path(__file__).resolve().parent.parent / "evadb_udfs"
@@ -57,6 +57,7 @@ def connect(target: db.Target | None = None, evadb_dir: Path | None = None):
     quiet()
     import evadb
 
+    evadb_patch.install()
     target = target or db.resolve()
     params = evadb_params(target)
     evadb_dir = evadb_dir or config.state_dir() / "evadb"

@@ -1,0 +1,104 @@
+"""A PostgreSQL handler for EvaDB that streams, pushes WHERE and LIMIT down, and reuses connections.
+
+Stock `PostgresHandler.select` runs `SELECT * FROM table` through SQLAlchemy with `fetchall`.
+This one reads through a server-side cursor in growing chunks (64, 256, 1,024, then 2,048 rows),
+so a LIMIT 1 query stops after one round trip and memory does not grow with the table, and keeps
+its connection for the next handler of the same source in this process (EvaDB opens about six
+per query). No password is needed here: libpq reads it from PGPASSFILE/PGPASSWORD at connect time.
+EvaDB looks the handler class up on its module at every call, so replacing it takes effect at once.
+"""
+from __future__ import annotations
+
+import threading
+
+import pandas as pd
+import psycopg2
+from psycopg2 import sql as psql
+
+from evadb.third_party.databases.postgres import postgres_handler as pg_module
+from evadb.third_party.databases.types import DBHandlerResponse, DBHandlerStatus
+
+STOCK_HANDLER = pg_module.PostgresHandler
+FIRST_CHUNK, MAX_CHUNK = 64, 2048
+STATS = {"streams": 0, "rows": 0, "chunks": 0, "connects": 0, "reused": 0, "queries": []}
+_idle = threading.local()  # per thread: connection key -> idle connections
+
+
+def _pool() -> dict:
+    return _idle.__dict__.setdefault("pool", {})
+
+
+class StreamingPostgresHandler(STOCK_HANDLER):
+    def _key(self) -> tuple:
+        return (self.host, str(self.port), self.user, self.database)
+
+    def connect(self) -> DBHandlerStatus:
+        idle = _pool().get(self._key()) or []
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.status == psycopg2.extensions.STATUS_READY:
+                self.connection = conn
+                STATS["reused"] += 1
+                return DBHandlerStatus(status=True)
+        STATS["connects"] += 1
+        return super().connect()
+
+    def disconnect(self) -> None:
+        conn, self.connection = self.connection, None
+        if conn is None or conn.closed:
+            return
+        if conn.status == psycopg2.extensions.STATUS_READY and conn.autocommit:
+            _pool().setdefault(self._key(), []).append(conn)
+        else:
+            conn.close()
+
+    def stream(self, table: str, columns: list[str], where=None, params=(), limit: int | None = None):
+        """DataFrames of at most MAX_CHUNK rows of `SELECT columns FROM table [WHERE] [LIMIT]`."""
+        query = psql.SQL("SELECT {} FROM {}").format(psql.SQL(", ").join(map(psql.Identifier, columns)),
+                                                     psql.Identifier(table))
+        if where is not None:
+            query = psql.SQL("{} WHERE {}").format(query, where)
+        if limit is not None:
+            query = psql.SQL("{} LIMIT {}").format(query, psql.Literal(int(limit)))
+        conn = self.connection
+        conn.autocommit = False  # a server-side cursor lives in a transaction
+        cursor = conn.cursor(name="cnnsql_stream")
+        STATS["streams"] += 1
+        STATS["queries"] = (STATS["queries"] + [cursor.mogrify(query, list(params)).decode()])[-20:]
+        try:
+            cursor.execute(query, list(params))
+            size = FIRST_CHUNK
+            while True:
+                rows = cursor.fetchmany(size)
+                if not rows:
+                    break
+                STATS["rows"] += len(rows)
+                STATS["chunks"] += 1
+                yield pd.DataFrame.from_records(rows, columns=columns)
+                if len(rows) < size:
+                    break  # a short chunk is the last: no extra round trip
+                size = min(size * 4, MAX_CHUNK)
+        finally:
+            cursor.close()
+            conn.rollback()
+            conn.autocommit = True
+
+    def select(self, table_name: str) -> DBHandlerResponse:
+        """Stock read path (`NativeStorageEngine.read`): the same stream, as row dicts."""
+        columns = list(self.get_columns(table_name).data["name"])
+        rows = (row for df in self.stream(table_name, columns) for row in df.to_dict("records"))
+        return DBHandlerResponse(data=None, data_generator=rows)
+
+    def is_sqlalchmey_compatible(self) -> bool:
+        return False  # rows come as dicts already (native_storage_engine.read asks this)
+
+
+def close_idle() -> None:
+    for conns in _pool().values():
+        for conn in conns:
+            conn.close()
+    _pool().clear()
+
+
+def install() -> None:
+    pg_module.PostgresHandler = StreamingPostgresHandler
