@@ -6,8 +6,6 @@ warm-up calls that are not timed, then `repetitions` timed calls; figures are me
 """
 from __future__ import annotations
 
-import os
-import shutil
 import statistics
 import sys
 import time
@@ -93,17 +91,9 @@ class Bench:
         self.weights = Path(self.cfg.weights or evadb_function.default_weights()).absolute()
         if not self.weights.exists():
             self._train_default()
-        os.environ["CNNSQL_WEIGHTS"] = str(self.weights)  # read by the EvaDB functions
-        os.environ["CNNSQL_THREADS"] = str(self.cfg.threads)  # the SQL path runs with the raw path's threads
         self.ids, self.images, self.labels = data.fetch_split(self.conn, "test")
-        with self.conn.cursor() as cur:  # the Velox sample, and the --limit subset
-            for view, n in (("cifar_test_sample", self.cfg.velox_sample), ("cifar_test_head", self.cfg.limit or 0)):
-                cur.execute(sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT id, label, img FROM cifar_test WHERE id < {}")
-                            .format(sql.Identifier(view), sql.Literal(int(n))))
-        self.conn.commit()
-        # A private EvaDB catalog per session: concurrent benchmarks do not share one.
-        self.evadb_dir = db.config.state_dir() / "evadb-sessions" / self.session
-        self.cursor = evadb_session.connect(self.target, self.evadb_dir)
+        # The functions get the raw path's weights and threads as CREATE FUNCTION metadata.
+        self.cursor = evadb_session.connect(self.target, weights=self.weights, threads=self.cfg.threads)
 
     def _train_default(self) -> None:
         from .training_cli import train_and_save
@@ -116,7 +106,6 @@ class Bench:
 
     def close(self) -> None:
         self.conn.close()
-        shutil.rmtree(getattr(self, "evadb_dir", Path("/nonexistent")), ignore_errors=True)
 
     # --- measurement ----------------------------------------------------------------------
 
@@ -167,8 +156,8 @@ class Bench:
         raw_pred = engine.predict(images, bs).argmax(1)
 
         query = query_text(f"offline_{name}")
-        if cfg.limit and name != "velox":
-            query = query.replace("pg.cifar_test;", "pg.cifar_test_head;")
+        if n < len(self.ids):  # a sample: the first n ids, filtered inside PostgreSQL (pushed down)
+            query = query.replace("pg.cifar_test;", f"pg.cifar_test WHERE id < {int(n)};")
         self.say(f"[{name}] SQL offline: {query}")
         before = dict(evadb_function.STATS.get(name, {}))
 

@@ -23,7 +23,8 @@ from evadb.functions.decorators.io_descriptors.data_types import PandasDataframe
 
 from . import config
 from .cifar import IMAGE_BYTES
-from .engines import get_engine
+from .engines import ENGINES, get_engine
+from .errors import CnnsqlError
 from .weights import load_weights
 
 log = logging.getLogger("cnnsql.evadb")
@@ -82,15 +83,23 @@ class CNNFunction(AbstractFunction):
     engine_name = ""  # set by subclasses
 
     @setup(cacheable=False, function_type="Classification", batchable=True)
-    def setup(self, weights: str | None = None, device: str = "cpu", threads=None, batch_size=None):
-        # EvaDB instantiates functions at CREATE FUNCTION time: the engine loads on first use.
-        threads = threads or os.environ.get("CNNSQL_THREADS")  # set by `cnnsql bench --threads`
-        self.options = (str(weights or default_weights()), device, int(threads) if threads else None)
+    def setup(self, weights: str | None = None, device: str = "cpu", threads=None, batch_size=None,
+              engine: str | None = None):
+        # Options come from CREATE FUNCTION metadata (sql/evadb_setup.sql); threads 0 = framework default.
+        # EvaDB instantiates functions at CREATE FUNCTION time and per query: the engine loads on first use.
+        self.engine_name = engine or type(self).engine_name  # Classify: empty until registered with metadata
+        if self.engine_name and self.engine_name not in ENGINES:
+            raise CnnsqlError(f"unknown engine {self.engine_name!r} for {type(self).__name__}",
+                              f"choose from: {', '.join(ENGINES)} (CNNSQL_ENGINE)")
+        self.options = (str(weights or default_weights()), device, int(threads) if threads and int(threads) else None)
         self.batch_size = int(batch_size) if batch_size else None
         self.engine = None
 
     def _load(self) -> None:
         if self.engine is None:
+            if not self.engine_name:
+                raise CnnsqlError(f"{type(self).__name__} was registered without an engine",
+                                  "register it through cnnsql (cnnsql shell, evadb_session.connect)")
             self.engine = cached_engine(self.engine_name, *self.options)
             self.batch_size = self.batch_size or self.engine.default_batch_size
             self.class_names = self.engine.weights.manifest.get("class_names") or CIFAR10_CLASSES

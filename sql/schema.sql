@@ -43,10 +43,6 @@ CREATE OR REPLACE VIEW cifar_train AS
 CREATE OR REPLACE VIEW cifar_test AS
     SELECT id, label, replace(encode(img, 'base64'), E'\n', '') AS img FROM cifar_image_test;
 
--- The first N test images (N set by `cnnsql bench --velox-sample`): the slow Velox engine's input.
-CREATE OR REPLACE VIEW cifar_test_sample AS SELECT id, label, img FROM cifar_test WHERE id < 100;
--- The first N test images for `cnnsql bench --limit N` (set by the benchmark).
-CREATE OR REPLACE VIEW cifar_test_head AS SELECT id, label, img FROM cifar_test WHERE id < 1000;
 
 -- Your own images (examples/classify_png.py): same layout as cifar_image, exposed the same way.
 CREATE TABLE IF NOT EXISTS user_image (

@@ -23,6 +23,7 @@ STOCK_SOURCES = {
     "evadb.models.storage.batch:Batch.all_false": "7cc14f601d657e00",
     "evadb.database:EvaDBDatabase.catalog": "3c97aac3966e91e8",
     "evadb.third_party.databases.postgres.postgres_handler:PostgresHandler.connect": "139af34c247d54e5",
+    "evadb.third_party.databases.postgres.postgres_handler:PostgresHandler.get_columns": "ee9e705543cfec3a",
     "evadb.third_party.databases.types:DBHandler.select": "68bc22b88bfda5b7",
     "evadb.third_party.databases.interface:get_database_handler": "34da2608a87f7b6f",
     "evadb.optimizer.rules.rules:EmbedFilterIntoGet.check": "cfdf4c53afe0a424",

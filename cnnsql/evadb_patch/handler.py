@@ -83,6 +83,23 @@ class StreamingPostgresHandler(STOCK_HANDLER):
             conn.rollback()
             conn.autocommit = True
 
+    def get_columns(self, table_name: str) -> DBHandlerResponse:
+        """Stock builds this query by string formatting and reads every schema: a parameter, and
+        only the schemas on the search path (the relation `SELECT ... FROM table` would read)."""
+        if not self.connection:
+            return DBHandlerResponse(data=None, error="Not connected to the database.")
+        query = ("SELECT column_name AS name, data_type AS dtype, udt_name FROM information_schema.columns "
+                 "WHERE table_name = %s AND table_schema = (SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
+                 "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(quote_ident(%s))) ORDER BY ordinal_position")
+        try:
+            with self.connection.cursor() as cursor:
+                cursor.execute(query, (table_name, table_name))
+                frame = pd.DataFrame(cursor.fetchall(), columns=["name", "dtype", "udt_name"])
+        except psycopg2.Error as exc:
+            return DBHandlerResponse(data=None, error=str(exc).strip())
+        frame["dtype"] = [self._pg_to_python_types(d, u) for d, u in zip(frame["dtype"], frame["udt_name"])]
+        return DBHandlerResponse(data=frame)
+
     def select(self, table_name: str) -> DBHandlerResponse:
         """Stock read path (`NativeStorageEngine.read`): the same stream, as row dicts."""
         columns = list(self.get_columns(table_name).data["name"])

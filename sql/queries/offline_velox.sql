@@ -1,2 +1,2 @@
 -- Offline scenario: classify the whole view with VeloxCNN.
-SELECT id, VeloxCNN(img) FROM pg.cifar_test_sample;
+SELECT id, VeloxCNN(img) FROM pg.cifar_test;

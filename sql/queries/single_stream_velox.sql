@@ -1,2 +1,2 @@
--- Single-stream scenario: one image per query (EvaDB still reads the whole view: no pushdown).
+-- Single-stream scenario: one image per query (the WHERE is pushed down to PostgreSQL).
 SELECT id, VeloxCNN(img) FROM pg.cifar_test WHERE id = 7;

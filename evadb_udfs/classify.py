@@ -1,0 +1,6 @@
+"""EvaDB function Classify: the CNN on the default engine (CREATE FUNCTION metadata `engine`; see cnnsql/evadb_function.py)."""
+from cnnsql.evadb_function import CNNFunction
+
+
+class Classify(CNNFunction):
+    engine_name = ""  # chosen at registration: CNNSQL_ENGINE, default torch
