@@ -1,0 +1,248 @@
+"""The SQL surface through EvaDB against psql on the same data, and the patches that make it so.
+
+Each query runs through cnnsql's EvaDB session (real EvaDB, real PostgreSQL) and, with `pg.`
+removed, through psql's server directly; the answers must be equal (values, row count, column
+names; row order where the query orders). Queries that call a CNN function are checked against
+the raw engine. What cannot be answered correctly must fail with one clear line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO
+
+# (EvaDB query, ordered?) — the psql query is the same text without "pg.".
+PLAIN = [
+    ("SELECT id, label FROM pg.cifar_test WHERE id < 10;", False),
+    ("SELECT id, label FROM pg.cifar_test WHERE id = 7;", False),
+    ("SELECT id, label FROM pg.cifar_test WHERE 5 > id;", False),
+    ("SELECT id FROM pg.cifar_test WHERE id >= 100 AND id < 140 AND label = 3;", False),
+    ("SELECT id FROM pg.cifar_test WHERE id < 3 OR id > 3997;", False),
+    ("SELECT id FROM pg.cifar_test WHERE NOT id > 1;", False),
+    ("SELECT id FROM pg.cifar_test WHERE NOT (id > 1 AND id < 3998);", False),
+    ("SELECT id, label FROM pg.cifar_test WHERE label = 3 AND (id < 50 OR id > 3950);", False),
+    ("SELECT id, label FROM pg.cifar_test WHERE id != 0 AND id < 4;", False),
+    ("SELECT id FROM pg.cifar_test WHERE label >= 8 AND id <= 30 ORDER BY id;", True),
+    ("SELECT id, label FROM pg.cifar_test ORDER BY label DESC, id LIMIT 5;", True),
+    ("SELECT id FROM pg.cifar_test WHERE id < 100 ORDER BY id DESC LIMIT 3;", True),
+    ("SELECT label, id FROM pg.cifar_test WHERE id < 20 ORDER BY label, id;", True),
+    ("SELECT COUNT(*) FROM pg.cifar_test;", False),
+    ("SELECT COUNT(*) FROM pg.cifar_test WHERE label = 3;", False),
+    ("SELECT COUNT(*) FROM pg.cifar_test WHERE label = 3 OR label = 4;", False),
+    ("SELECT label, COUNT(*) FROM pg.cifar_test GROUP BY label ORDER BY label;", True),
+    ("SELECT MIN(id), MAX(id), SUM(label), AVG(label) FROM pg.cifar_test;", False),
+    ("SELECT label, MIN(id), MAX(id) FROM pg.cifar_test WHERE id < 500 GROUP BY label ORDER BY label;", True),
+    ("SELECT label, COUNT(id) FROM pg.cifar_test WHERE id < 1000 GROUP BY label ORDER BY COUNT(id) DESC, label "
+     "LIMIT 3;", True),
+    ("SELECT COUNT(*) FROM pg.cifar_test WHERE id < 0;", False),
+    ("SELECT SUM(label) FROM pg.cifar_test WHERE id < 0;", False),
+    ("SELECT label, COUNT(*) FROM pg.cifar_test WHERE id < 0 GROUP BY label;", False),
+    ("SELECT name FROM pg.cifar_class WHERE label = 3;", False),
+    ("SELECT label, name FROM pg.cifar_class WHERE name = 'cat' OR label = 0 ORDER BY label;", True),
+    ("SELECT label, name FROM pg.cifar_class ORDER BY label DESC LIMIT 2;", True),
+]
+REFUSED = [
+    ("SELECT label FROM pg.cifar_test GROUP BY label HAVING COUNT(*) > 1;", "HAVING is not supported"),
+    ("SELECT id, COUNT(*) FROM pg.cifar_test GROUP BY label;", "must appear in GROUP BY"),
+    ("SELECT TorchCNN(img), COUNT(*) FROM pg.cifar_test WHERE id < 3 GROUP BY TorchCNN(img);",
+     "whole function output"),
+]
+
+
+@pytest.fixture(scope="module")
+def session(loaded, random_weights_file):
+    from cnnsql import evadb_session
+
+    return evadb_session.connect(weights=random_weights_file, threads=2)
+
+
+@pytest.fixture(scope="module")
+def pg(target):
+    from cnnsql import db
+
+    c = db.connect(target)
+    c.autocommit = True
+    yield c
+    c.close()
+
+
+def psql_frame(pg, query: str) -> pd.DataFrame:
+    with pg.cursor() as cur:
+        cur.execute(query.replace("pg.", ""))
+        return pd.DataFrame(cur.fetchall(), columns=[d.name for d in cur.description])
+
+
+def normalised(df: pd.DataFrame, ordered: bool) -> list[tuple]:
+    rows = [tuple(None if pd.isna(v) else round(float(v), 9) if isinstance(v, (float, np.floating)) or
+                  type(v).__name__ == "Decimal" else int(v) if isinstance(v, (int, np.integer)) else v for v in row)
+            for row in df.itertuples(index=False)]
+    return rows if ordered else sorted(rows, key=repr)
+
+
+@pytest.mark.parametrize("query,ordered", PLAIN, ids=[q for q, _ in PLAIN])
+def test_query_equals_psql(session, pg, query, ordered):
+    from cnnsql import evadb_session
+
+    mine = evadb_session.run(session, query)
+    theirs = psql_frame(pg, query)
+    assert normalised(mine, ordered) == normalised(theirs, ordered)
+    if len(theirs):
+        assert list(mine.columns) == list(theirs.columns)
+
+
+@pytest.mark.parametrize("query,message", REFUSED, ids=[q for q, _ in REFUSED])
+def test_unsupported_query_fails_with_one_clear_line(session, query, message):
+    from cnnsql import evadb_session
+    from cnnsql.errors import CnnsqlError
+
+    with pytest.raises(CnnsqlError) as info:
+        evadb_session.run(session, query)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def raw_labels(pg, random_weights_file):
+    """The raw engine's labels for the first 60 test images."""
+    from cnnsql import data, evadb_function
+
+    ids, images, _ = data.fetch_split(pg, "test")
+    engine = evadb_function.cached_engine("torch", str(random_weights_file), "cpu", 2)
+    return engine.predict(images[:60], 16).argmax(1)
+
+
+def test_predicates_and_aggregates_on_function_output(session, raw_labels):
+    from cnnsql import evadb_session
+
+    common = int(np.bincount(raw_labels[:50]).argmax())
+    out = evadb_session.run(session, "SELECT id, TorchCNN(img).label FROM pg.cifar_test WHERE id < 60;")
+    assert out["label"].tolist() == raw_labels.tolist()
+    out = evadb_session.run(session, f"SELECT id FROM pg.cifar_test WHERE TorchCNN(img).label = {common} AND id < 50;")
+    assert sorted(out["id"]) == [i for i in range(50) if raw_labels[i] == common]
+    out = evadb_session.run(session, f"SELECT COUNT(*) FROM pg.cifar_test WHERE id < 50 AND TorchCNN(img).label = "
+                                     f"{common};")
+    assert out["count"].tolist() == [int((raw_labels[:50] == common).sum())]
+    out = evadb_session.run(session, "SELECT TorchCNN(img).label, COUNT(*) FROM pg.cifar_test WHERE id < 50 "
+                                     "GROUP BY TorchCNN(img).label;")
+    expected = np.bincount(raw_labels[:50], minlength=10)
+    assert {int(k): int(v) for k, v in zip(out["label"], out["count"])} == \
+        {k: int(v) for k, v in enumerate(expected) if v}
+    out = evadb_session.run(session, "SELECT id, Classify(img).label FROM pg.cifar_test WHERE id < 10;")
+    assert out["label"].tolist() == raw_labels[:10].tolist()
+
+
+def test_one_image_query_reads_one_row_in_postgresql(session, pg):
+    """Proof from PostgreSQL's own statistics: the query fetches one heap row, scans nothing."""
+    from cnnsql import evadb_session
+    from cnnsql.evadb_patch import handler
+
+    def counters():
+        with pg.cursor() as cur:
+            cur.execute("SELECT pg_stat_clear_snapshot()")
+            cur.execute("SELECT coalesce(seq_tup_read, 0), coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables "
+                        "WHERE relname = 'cifar_image_test'")
+            return cur.fetchone()
+
+    evadb_session.run(session, "SELECT id, TorchCNN(img) FROM pg.cifar_test WHERE id = 7;")  # warm
+    handler.close_idle()  # a backend flushes its statistics when it ends
+    time.sleep(1.5)
+    before = counters()
+    out = evadb_session.run(session, "SELECT id, TorchCNN(img) FROM pg.cifar_test WHERE id = 7;")
+    handler.close_idle()
+    deadline, after = time.time() + 10, before
+    while after == before and time.time() < deadline:
+        time.sleep(0.5)
+        after = counters()
+    assert out["id"].tolist() == [7]
+    assert after[0] - before[0] == 0, "a sequential scan read the split"
+    assert after[1] - before[1] == 1, f"heap rows fetched: {after[1] - before[1]}"
+    assert 'WHERE ("id" = 7)' in handler.STATS["queries"][-1]
+
+
+def test_limit_reaches_postgresql_and_streaming_stops_after_the_first_chunk(session):
+    from cnnsql import evadb_session
+    from cnnsql.evadb_patch import handler
+
+    before = dict(handler.STATS)
+    out = evadb_session.run(session, "SELECT id, label FROM pg.cifar_test LIMIT 1;")
+    assert len(out) == 1
+    assert handler.STATS["chunks"] - before["chunks"] == 1 and handler.STATS["rows"] - before["rows"] == 1
+    assert handler.STATS["queries"][-1].endswith("LIMIT 1")
+    # A filter EvaDB must evaluate itself keeps the LIMIT in EvaDB; the stream still stops early.
+    before = dict(handler.STATS)
+    out = evadb_session.run(session, "SELECT id FROM pg.cifar_test WHERE TorchCNN(img).label >= 0 LIMIT 2;")
+    assert len(out) == 2 and not handler.STATS["queries"][-1].endswith("LIMIT 2")
+    assert handler.STATS["rows"] - before["rows"] <= 64
+
+
+def test_columns_not_used_are_not_read(session):
+    from cnnsql import evadb_session
+    from cnnsql.evadb_patch import handler
+
+    evadb_session.run(session, "SELECT COUNT(*) FROM pg.cifar_test WHERE label = 2;")
+    assert handler.STATS["queries"][-1].startswith('SELECT "id", "label" FROM "cifar_test"')
+
+
+STOCK_SCRIPT = """
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+from cnnsql import db, evadb_session, evadb_patch
+evadb_patch.install = lambda: False            # stock EvaDB: nothing patched
+cursor = evadb_session.connect(weights=sys.argv[1])
+out = {}
+for q in json.loads(sys.stdin.read()):
+    try:
+        out[q] = evadb_session.run(cursor, q).drop(columns=["probs"], errors="ignore").to_json(orient="values")
+    except Exception as exc:
+        out[q] = "error: " + str(exc)
+print(json.dumps(out))
+"""
+SAME_AS_STOCK = ["SELECT id, label FROM pg.cifar_test WHERE id < 10;",
+                 "SELECT id, TorchCNN(img) FROM pg.cifar_test WHERE id = 7;",
+                 "SELECT id, label FROM pg.cifar_test ORDER BY label DESC, id LIMIT 5;",
+                 "SELECT id, TorchCNN(img).label FROM pg.cifar_test LIMIT 3;",
+                 "SELECT name FROM pg.cifar_class WHERE label = 3;"]
+
+
+def test_results_identical_with_and_without_the_patches(session, random_weights_file):
+    from cnnsql import evadb_session
+
+    proc = subprocess.run([sys.executable, "-c", STOCK_SCRIPT, str(random_weights_file)], cwd=REPO,
+                          input=json.dumps(SAME_AS_STOCK), capture_output=True, text=True, timeout=600,
+                          env=os.environ)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stock = json.loads(proc.stdout.strip().splitlines()[-1])
+    for query in SAME_AS_STOCK:
+        assert not stock[query].startswith("error"), stock[query]
+        mine = evadb_session.run(session, query).drop(columns=["probs"], errors="ignore")
+        assert json.loads(mine.to_json(orient="values")) == json.loads(stock[query]), query
+
+
+def test_version_guard_installs_nothing_on_another_evadb(monkeypatch):
+    import evadb
+
+    from cnnsql import evadb_patch
+
+    monkeypatch.setattr(evadb_patch, "_state", {"installed": False, "checked": None})
+    monkeypatch.setattr(evadb, "__version__", "0.3.10", raising=False)
+    from evadb.third_party.databases.postgres import postgres_handler
+
+    handler_before = postgres_handler.PostgresHandler
+    with pytest.warns(UserWarning, match=r"EvaDB patches not installed \(EvaDB 0.3.10"):
+        assert evadb_patch.install() is False
+    assert postgres_handler.PostgresHandler is handler_before
+    assert evadb_patch.mismatches() == ["EvaDB 0.3.10 (written for 0.3.9)"]
+
+
+def test_version_guard_sees_a_changed_function(monkeypatch):
+    from cnnsql import evadb_patch
+
+    monkeypatch.setitem(evadb_patch.STOCK_SOURCES, "evadb.server.command_handler:execute_statement", "0" * 16)
+    assert "evadb.server.command_handler:execute_statement changed" in evadb_patch.mismatches()
