@@ -1,6 +1,7 @@
 """The one EvaDB function implementation, generic over engines. `evadb_udfs/*.py` subclass it.
 
-Input: the `img` column of the cifar_* views (base64 text of the 3,072 stored bytes).
+Input: the `img` column of the cifar_* views (base64 text of the 3,072 stored bytes), or the bytes
+themselves when cnnsql's EvaDB reads a view's binary twin (cnnsql/evadb_patch).
 Output per row: label (class index), class_name, probability (of that class), probs (all 10).
 A bad row (NULL, not base64, wrong length) yields NULL outputs and a warning naming its
 position; it never gets a made-up prediction. Engines are cached per process, so repeated
@@ -52,12 +53,15 @@ B64_CHARS = IMAGE_BYTES // 3 * 4  # 3,072 bytes encode to exactly 4,096 characte
 
 
 def decode_images(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """base64 strings -> (uint8 (N, 3072) of the valid rows, boolean mask of valid rows).
+    """Images as stored bytes (the binary twins) or base64 text (the views) -> (uint8 (N, 3072) of the
+    valid rows, boolean mask of valid rows).
 
-    Fast path: when every row is a 4,096-character string, one strict decode of their
-    concatenation (strict: any non-alphabet character fails it). Otherwise row by row.
+    Fast paths: every row 3,072 bytes (one join), or every row a 4,096-character string (one strict
+    decode of their concatenation: any non-alphabet character fails it). Otherwise row by row.
     """
     values = column.tolist()
+    if values and all(isinstance(v, (bytes, memoryview)) and len(v) == IMAGE_BYTES for v in values):
+        return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, IMAGE_BYTES), np.ones(len(values), bool)
     if all(isinstance(v, str) and len(v) == B64_CHARS for v in values):
         try:
             raw = binascii.a2b_base64("".join(values), strict_mode=True)
@@ -66,17 +70,25 @@ def decode_images(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
             pass  # some row is bad: find it below
     out = np.zeros((len(column), IMAGE_BYTES), dtype=np.uint8)
     ok = np.zeros(len(column), dtype=bool)
-    for i, text in enumerate(values):
-        if not isinstance(text, str) or len(text) != B64_CHARS:
-            continue
-        try:
-            raw = binascii.a2b_base64(text, strict_mode=True)
-        except (binascii.Error, ValueError):
-            continue
-        if len(raw) == IMAGE_BYTES:
+    for i, value in enumerate(values):
+        raw = _image_bytes(value)
+        if raw is not None:
             out[i] = np.frombuffer(raw, dtype=np.uint8)
             ok[i] = True
     return out[ok], ok
+
+
+def _image_bytes(value) -> bytes | None:
+    """One row's 3,072 image bytes, or None when it is NULL or malformed."""
+    if isinstance(value, (bytes, memoryview)):
+        return bytes(value) if len(value) == IMAGE_BYTES else None
+    if not isinstance(value, str) or len(value) != B64_CHARS:
+        return None
+    try:
+        raw = binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == IMAGE_BYTES else None
 
 
 class CNNFunction(AbstractFunction):

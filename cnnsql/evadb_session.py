@@ -113,9 +113,25 @@ def connect(target: db.Target | None = None, evadb_dir: Path | None = None, *, w
     os.chmod(evadb_dir, 0o700)
     cursor = evadb.connect(str(evadb_dir)).cursor()
     quiet()  # EvaDB sets its log level when it starts
+    _no_fsync_catalog(cursor)
     for statement in setup_statements(params, function_options(weights, threads, engine)):
         run(cursor, statement)
     return cursor
+
+
+def _no_fsync_catalog(cursor) -> None:
+    """The catalog is private to the process and removed at exit: no fsync on its commits.
+
+    EvaDB commits function-cost statistics to it after every query; with SQLite's default
+    journal that cost one fsync, about 15 ms per query on the development machine."""
+    from sqlalchemy import event
+
+    engine = cursor._evadb.catalog()._sql_config.engine
+    if engine.url.get_backend_name() == "sqlite" and not getattr(engine, "_cnnsql_no_fsync", False):
+        event.listen(engine, "connect", lambda con, _: (con.execute("pragma synchronous=OFF"),
+                                                        con.execute("pragma journal_mode=MEMORY")))
+        engine.dispose()  # pooled connections reopen with the pragmas
+        engine._cnnsql_no_fsync = True
 
 
 def run(cursor, statement: str):

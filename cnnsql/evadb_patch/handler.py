@@ -20,7 +20,9 @@ from evadb.third_party.databases.types import DBHandlerResponse, DBHandlerStatus
 
 STOCK_HANDLER = pg_module.PostgresHandler
 FIRST_CHUNK, MAX_CHUNK = 64, 2048
-STATS = {"streams": 0, "rows": 0, "chunks": 0, "connects": 0, "reused": 0, "queries": []}
+STATS = {"streams": 0, "binary": 0, "rows": 0, "chunks": 0, "connects": 0, "reused": 0, "queries": []}
+BINARY_SCHEMA = "cnnsql_bytes"  # sql/schema.sql
+_twins: dict[tuple, psql.Composable | None] = {}
 _idle = threading.local()  # per thread: connection key -> idle connections
 
 
@@ -52,10 +54,26 @@ class StreamingPostgresHandler(STOCK_HANDLER):
         else:
             conn.close()
 
-    def stream(self, table: str, columns: list[str], where=None, params=(), limit: int | None = None):
-        """DataFrames of at most MAX_CHUNK rows of `SELECT columns FROM table [WHERE] [LIMIT]`."""
-        query = psql.SQL("SELECT {} FROM {}").format(psql.SQL(", ").join(map(psql.Identifier, columns)),
-                                                     psql.Identifier(table))
+    def binary_twin(self, table: str) -> psql.Composable | None:
+        """`cnnsql_bytes.<table>` when it exists: the same rows with the image column as bytea.
+        Looked up once per source and table in this process (a twin dropped later fails loudly)."""
+        key = (*self._key(), table)
+        if key not in _twins:
+            name = psql.Identifier(BINARY_SCHEMA, table)
+            with self.connection.cursor() as cursor:
+                cursor.execute("SELECT to_regclass(%s)", (name.as_string(self.connection),))
+                _twins[key] = name if cursor.fetchone()[0] else None
+        return _twins[key]
+
+    def stream(self, table: str, columns: list[str], where=None, params=(), limit: int | None = None,
+               binary: bool = False):
+        """DataFrames of at most MAX_CHUNK rows of `SELECT columns FROM table [WHERE] [LIMIT]`.
+
+        binary: read the table's binary twin (bytea images arrive as memoryview) when it has one."""
+        twin = self.binary_twin(table) if binary else None
+        relation = twin or psql.Identifier(table)
+        STATS["binary"] += twin is not None
+        query = psql.SQL("SELECT {} FROM {}").format(psql.SQL(", ").join(map(psql.Identifier, columns)), relation)
         if where is not None:
             query = psql.SQL("{} WHERE {}").format(query, where)
         if limit is not None:

@@ -50,6 +50,7 @@ class ScanHints:
     """What the statement hook learnt about one table's scan (by table name)."""
     columns: list[str] | None = None
     limit: int | None = None
+    binary: bool = False  # img is only a CNN function's argument: read it as bytea
 
 
 _hints: contextvars.ContextVar[dict] = contextvars.ContextVar("cnnsql_scan_hints", default={})
@@ -164,7 +165,8 @@ def _scan(entry, table, predicate, hints: ScanHints | None):
     if limit is not None:
         STATS["limits"] = (STATS["limits"] + [limit])[-20:]
     with interface.get_database_handler(entry.engine, **entry.params) as handler:
-        with contextlib.closing(handler.stream(table.name, columns, where, params, limit)) as chunks:
+        with contextlib.closing(handler.stream(table.name, columns, where, params, limit,
+                                                         binary=bool(hints and hints.binary))) as chunks:
             for frame in chunks:
                 yield Batch(frame)
 

@@ -5,11 +5,14 @@ EvaDB 0.3.9 evaluates aggregates per internal batch (`COUNT(*)` over 10,000 rows
 statement runs as an inner SELECT of its group keys and aggregate arguments (through the normal
 path, so WHERE is pushed down and rows stream), then pandas groups and aggregates the whole
 result, with PostgreSQL's names and NULL rules (`count` of no rows is 0, `sum` of none is NULL).
-Every other SELECT gets its scan hints (columns used, LIMIT) from the bound statement.
+Every other SELECT gets its scan hints from the bound statement: the columns it uses, a LIMIT
+PostgreSQL can apply, and whether `img` is only ever the argument of a cnnsql CNN function (then
+the scan reads the binary twin of the view: bytes, not base64 text).
 """
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,6 +33,7 @@ from evadb.parser.utils import SKIP_BINDER_AND_OPTIMIZER_STATEMENTS
 from evadb.server import command_handler
 
 from ..errors import CnnsqlError
+from ..evadb_session import UDF_DIR
 from .pushdown import ScanHints, scan_hints, split_predicate
 
 STOCK_EXECUTE_STATEMENT = command_handler.execute_statement
@@ -62,17 +66,27 @@ def statement_hints(stmt) -> dict[str, ScanHints]:
         return {}
     table = ref.table.table_obj
     alias = ref.alias.alias_name if ref.alias else None
-    columns = {e.name for x in _expressions(stmt) for e in _walk(x)
-               if isinstance(e, TupleValueExpression) and e.table_alias in (alias, None)}
+    refs = [e for x in _expressions(stmt) for e in _walk(x)
+            if isinstance(e, TupleValueExpression) and e.table_alias in (alias, None)]
+    columns = {e.name for e in refs}
     if "*" in columns:
         columns = None
+    image_args = {id(arg) for x in _expressions(stmt) for e in _walk(x) if _is_cnn_function(e) for arg in e.children}
+    binary = bool(refs) and columns is not None and "img" in columns and \
+        all(id(e) in image_args for e in refs if e.name == "img")
     limit = None
     if stmt.limit_count is not None and not stmt.orderby_list and stmt.groupby_clause is None:
         no_aggregate = not any(isinstance(e, AggregationExpression) for x in stmt.target_list for e in _walk(x))
         fully_pushed = stmt.where_clause is None or not split_predicate(stmt.where_clause, alias)[1]
         if no_aggregate and fully_pushed:
             limit = int(stmt.limit_count.value)
-    return {table.name: ScanHints(columns=sorted(columns) if columns else None, limit=limit)}
+    return {table.name: ScanHints(columns=sorted(columns) if columns else None, limit=limit, binary=binary)}
+
+
+def _is_cnn_function(expr) -> bool:
+    """A function implemented in cnnsql's evadb_udfs/: it takes the image as bytes as well as base64."""
+    path = getattr(getattr(expr, "function_obj", None), "impl_file_path", None)
+    return isinstance(expr, FunctionExpression) and path is not None and Path(path).resolve().parent == UDF_DIR
 
 
 def execute_statement(evadb, stmt, do_not_raise_exceptions: bool = False, do_not_print_exceptions: bool = False,
