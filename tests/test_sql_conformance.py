@@ -246,3 +246,14 @@ def test_version_guard_sees_a_changed_function(monkeypatch):
 
     monkeypatch.setitem(evadb_patch.STOCK_SOURCES, "evadb.server.command_handler:execute_statement", "0" * 16)
     assert "evadb.server.command_handler:execute_statement changed" in evadb_patch.mismatches()
+
+
+def test_cnn_functions_read_bytes_and_selected_images_stay_base64(session, pg):
+    from cnnsql import evadb_session
+    from cnnsql.evadb_patch import handler
+
+    evadb_session.run(session, "SELECT id, TorchCNN(img).label FROM pg.cifar_test WHERE id < 3;")
+    assert '"cnnsql_bytes"."cifar_test_bytes"' in handler.STATS["queries"][-1]
+    out = evadb_session.run(session, "SELECT id, img, TorchCNN(img).label FROM pg.cifar_test WHERE id < 3;")
+    assert '"cnnsql_bytes"' not in handler.STATS["queries"][-1]  # img itself is selected: the text view
+    assert out["img"].tolist() == psql_frame(pg, "SELECT img FROM cifar_test WHERE id < 3 ORDER BY id")["img"].tolist()

@@ -55,11 +55,11 @@ class StreamingPostgresHandler(STOCK_HANDLER):
             conn.close()
 
     def binary_twin(self, table: str) -> psql.Composable | None:
-        """`cnnsql_bytes.<table>` when it exists: the same rows with the image column as bytea.
+        """`cnnsql_bytes.<table>_bytes` when it exists: the same rows with the image column as bytea.
         Looked up once per source and table in this process (a twin dropped later fails loudly)."""
         key = (*self._key(), table)
         if key not in _twins:
-            name = psql.Identifier(BINARY_SCHEMA, table)
+            name = psql.Identifier(BINARY_SCHEMA, f"{table}_bytes")
             with self.connection.cursor() as cursor:
                 cursor.execute("SELECT to_regclass(%s)", (name.as_string(self.connection),))
                 _twins[key] = name if cursor.fetchone()[0] else None
