@@ -4,7 +4,8 @@ EvaDB's catalog (SQLite) is private to the process: two shells, a shell and a be
 benchmarks never share one (EvaDB 0.3.9 fails on a catalog another process holds), and it is
 removed when the process ends. No password ever reaches EvaDB: its catalog would store it in
 plain text. libpq reads it at connect time (the private cluster's 0600 pgpass file, or the
-password of CNNSQL_DSN handed to libpq as PGPASSWORD inside this process only).
+password of CNNSQL_DSN in a 0600 pgpass file inside the process's 0700 catalog folder, removed
+with it at exit).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ _SAFE_VALUE = re.compile(r"^[^\"'\\\n;]*$")
 DEFAULT_ENGINE = "torch"  # what Classify(img) runs unless CNNSQL_ENGINE names another
 
 
-def evadb_params(target: db.Target) -> dict[str, str]:
+def evadb_params(target: db.Target, private_dir: Path) -> dict[str, str]:
     """Connection parameters for EvaDB's postgres source, without a password (libpq supplies it)."""
     if target.private:
         cluster = db.private_cluster()
@@ -38,11 +39,25 @@ def evadb_params(target: db.Target) -> dict[str, str]:
     if host.startswith("/"):
         raise CnnsqlError("EvaDB's PostgreSQL source needs a TCP host, but the configured host is a Unix socket",
                           "give CNNSQL_DSN a host name and port, e.g. postgresql://user@127.0.0.1:5432/db")
+    params = {"user": p.get("user") or os.environ.get("PGUSER") or os.environ.get("USER", ""),
+              "host": host, "port": p.get("port") or os.environ.get("PGPORT") or "5432",
+              "database": p.get("dbname") or os.environ.get("PGDATABASE") or ""}
     if p.get("password"):
-        os.environ["PGPASSWORD"] = p["password"]  # this process only; never written anywhere
-    return {"user": p.get("user") or os.environ.get("PGUSER") or os.environ.get("USER", ""),
-            "host": host, "port": p.get("port") or os.environ.get("PGPORT") or "5432",
-            "database": p.get("dbname") or os.environ.get("PGDATABASE") or ""}
+        os.environ["PGPASSFILE"] = str(_pgpass_file(private_dir, params, p["password"]))
+    return params
+
+
+def _pgpass_file(private_dir: Path, params: dict, password: str) -> Path:
+    """The DSN's password as a libpq pgpass entry in this process's 0700 folder (file 0600, removed
+    at exit with the folder). EvaDB connects with an empty password, which makes libpq read it."""
+    def field(value: str) -> str:
+        return value.replace("\\", "\\\\").replace(":", "\\:")
+
+    path = private_dir / "pgpass"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(":".join(field(params[k]) for k in ("host", "port", "database", "user")) + ":" + field(password) + "\n")
+    return path
 
 
 def function_options(weights: str | None = None, threads: int | None = None, engine: str | None = None) -> dict:
@@ -106,11 +121,11 @@ def connect(target: db.Target | None = None, evadb_dir: Path | None = None, *, w
 
     evadb_patch.install()
     target = target or db.resolve()
-    params = evadb_params(target)
     if evadb_dir is None:
         evadb_dir = private_catalog_dir()
     evadb_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(evadb_dir, 0o700)
+    params = evadb_params(target, evadb_dir)
     cursor = evadb.connect(str(evadb_dir)).cursor()
     quiet()  # EvaDB sets its log level when it starts
     _no_fsync_catalog(cursor)
