@@ -76,11 +76,6 @@ class Bench:
     # --- set-up ---------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        if "velox" in self.cfg.engines and (self.cfg.threads or 1) > 1:
-            # Before TensorFlow loads (training or the engine): else Velox falls back to one driver.
-            from .engines.velox_engine import prime_dwrf_writer
-
-            prime_dwrf_writer()
         db.ensure_schema(self.conn)
         info = results.dataset_info(self.conn)
         if "test" not in info or "train" not in info:
