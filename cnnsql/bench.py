@@ -19,7 +19,7 @@ import pandas as pd
 from psycopg2 import sql
 
 from . import data, db, evadb_function, evadb_session, loader, results
-from .engines import ENGINES
+from .engines import ENGINES, engine_class
 from .errors import CnnsqlError
 from .monitor import ResourceMonitor
 
@@ -34,19 +34,22 @@ class BenchConfig:
     warmup: int = 1
     threads: int = 2
     device: str = "cpu"
-    limit: int | None = None            # test images for torch/tensorflow (default: all)
-    velox_sample: int = 48              # test images for velox (about 1.5 images/s)
+    limit: int | None = None            # test images for engines without a bench_sample (default: all)
+    sample: int | None = None           # test images for engines with a bench_sample (default: theirs)
+    full: bool = False                  # every engine on every test image
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
-    sweep_images: int = 1024            # images per batch-size point (velox: velox_sweep_images)
-    velox_sweep_images: int = 4
-    single_stream: int = 100            # one-image calls for the latency scenario (velox: 3)
+    sweep_images: int = 1024            # images per batch-size point (or the engine's bench_sweep_images)
+    single_stream: int = 100            # one-image calls for the latency scenario (or bench_single_stream)
     sql_single_stream: int = 5          # one-image SQL queries
     train_epochs: int = 2               # when no weights exist: a short default model
     progress: bool = True
 
     def n_images(self, engine: str, available: int) -> int:
-        n = self.velox_sample if engine == "velox" else (self.limit or available)
-        return min(n, available)
+        """The first N test images: the engine's declared sample (a prefix, so shared by every engine)."""
+        default = engine_class(engine).bench_sample
+        if self.full:
+            return available
+        return min((self.limit or available) if default is None else (self.sample or default), available)
 
 
 def query_text(name: str) -> str:
@@ -91,8 +94,10 @@ class Bench:
         os.environ["CNNSQL_WEIGHTS"] = str(self.weights)  # read by the EvaDB functions
         os.environ["CNNSQL_THREADS"] = str(self.cfg.threads)  # the SQL path runs with the raw path's threads
         self.ids, self.images, self.labels = data.fetch_split(self.conn, "test")
-        with self.conn.cursor() as cur:  # the Velox sample, and the --limit subset
-            for view, n in (("cifar_test_sample", self.cfg.velox_sample), ("cifar_test_head", self.cfg.limit or 0)):
+        with self.conn.cursor() as cur:  # the engines' shared sample, and the --limit subset
+            sample = max([self.cfg.n_images(e, len(self.ids)) for e in self.cfg.engines
+                          if engine_class(e).bench_sample is not None] or [0])
+            for view, n in (("cifar_test_sample", sample), ("cifar_test_head", self.cfg.limit or 0)):
                 cur.execute(sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT id, label, img FROM cifar_test WHERE id < {}")
                             .format(sql.Identifier(view), sql.Literal(int(n))))
         self.conn.commit()
@@ -146,11 +151,11 @@ class Bench:
 
     def bench_engine(self, name: str) -> dict:
         cfg = self.cfg
-        device = cfg.device if name != "velox" else "cpu"
+        device = cfg.device if cfg.device in engine_class(name).devices else "cpu"
         engine = evadb_function.cached_engine(name, str(self.weights), device, cfg.threads)
         n = cfg.n_images(name, len(self.ids))
         images, labels, bs = self.images[:n], self.labels[:n], engine.default_batch_size
-        common = {"engine": name, "device": device, "batch_size": bs}
+        common = {"engine": name, "device": device, "batch_size": bs, "detail": {"engine": engine.describe()}}
         reps = cfg.repetitions
         self.say(f"[{name}] raw offline: {n} images, batch {bs}, {cfg.warmup} warm-up + {reps} timed")
 
@@ -162,7 +167,7 @@ class Bench:
         raw_pred = engine.predict(images, bs).argmax(1)
 
         query = query_text(f"offline_{name}")
-        if cfg.limit and name != "velox":
+        if cfg.limit and not cfg.full and type(engine).bench_sample is None:
             query = query.replace("pg.cifar_test;", "pg.cifar_test_head;")
         self.say(f"[{name}] SQL offline: {query}")
         before = dict(evadb_function.STATS.get(name, {}))
@@ -176,20 +181,20 @@ class Bench:
             calls = reps + cfg.warmup
             split = {k: (after[k] - before.get(k, 0)) / calls for k in ("decode_s", "predict_s")}
             return {"accuracy": float((pred.to_numpy() == labels).mean()),
-                    "detail": {"sql_matches_raw": float((pred.to_numpy() == raw_pred).mean()), **split,
+                    "detail": {**common["detail"], "sql_matches_raw": float((pred.to_numpy() == raw_pred).mean()), **split,
                                "raw_wall_s": raw["wall_s"], "bad_rows": after.get("bad_rows", 0)}}
 
         sq = self.phase({**common, "kind": "sql", "scenario": "offline", "query": query},
                         lambda: evadb_session.run(self.cursor, query), reps, cfg.warmup, n, sql_eval)
         self.sql_runs[name] = sq["run_id"]
 
-        sweep_n = min(n, cfg.velox_sweep_images if name == "velox" else cfg.sweep_images)
+        sweep_n = min(n, type(engine).bench_sweep_images or cfg.sweep_images)
         for b in cfg.batch_sizes:
             self.say(f"[{name}] raw batch {b}: {sweep_n} images")
             self.phase({**common, "batch_size": b, "kind": "raw", "scenario": "batch-sweep"},
                        lambda: engine.predict(self.images[:sweep_n], b), max(1, reps - 1), 1, sweep_n)
 
-        k = 3 if name == "velox" else cfg.single_stream
+        k = type(engine).bench_single_stream or cfg.single_stream
         self.say(f"[{name}] single-stream: {k} one-image calls")
         it = iter(range(10**9))
         single = self.phase({**common, "batch_size": 1, "kind": "raw", "scenario": "single-stream"},

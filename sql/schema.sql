@@ -43,7 +43,7 @@ CREATE OR REPLACE VIEW cifar_train AS
 CREATE OR REPLACE VIEW cifar_test AS
     SELECT id, label, replace(encode(img, 'base64'), E'\n', '') AS img FROM cifar_image_test;
 
--- The first N test images (N set by `cnnsql bench --velox-sample`): the slow Velox engine's input.
+-- The first N test images (N: `cnnsql bench --sample`, default 1,000): the shared sample of engines that declare one (Velox).
 CREATE OR REPLACE VIEW cifar_test_sample AS SELECT id, label, img FROM cifar_test WHERE id < 100;
 -- The first N test images for `cnnsql bench --limit N` (set by the benchmark).
 CREATE OR REPLACE VIEW cifar_test_head AS SELECT id, label, img FROM cifar_test WHERE id < 1000;

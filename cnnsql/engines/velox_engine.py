@@ -15,6 +15,7 @@ warning and `describe()` records `source: values` and the reason, so a run's set
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import numpy as np
@@ -32,12 +33,14 @@ QUERY_CONFIG = {"preferred_output_batch_rows": "1"}
 
 
 class VeloxEngine(Engine):
-    """`threads` = Velox drivers of the one plan (default 1)."""
+    """`threads` = Velox drivers of the one plan (default: one per CPU core, as torch and TensorFlow)."""
 
     name = "velox"
     devices = ("cpu",)
-    default_batch_size = 32      # images per plan: fills 2 drivers; 8-image plans ran ~15% slower
-    bench_sample = 1000          # test images `cnnsql bench` gives this engine by default (--full: all)
+    default_batch_size = 32      # images per plan (prototype, 2 drivers: 27.5-28.7 images/s with 8, 33.2 with 32)
+    bench_sample = 1000          # `cnnsql bench`: test images by default (--full: all), ~40 s per pass
+    bench_sweep_images = 64      # images per batch-size point of the sweep
+    bench_single_stream = 10     # one-image calls of the single-stream phase
     TICKETS = 16                 # image splits: batch rows go to ticket rid % TICKETS
     FC1_BLOCKS = 8               # fc1 weight blocks of 64 neurons (the fc1 pipeline's splits)
 
@@ -68,7 +71,7 @@ class VeloxEngine(Engine):
 
     @property
     def drivers(self) -> int:
-        return (self.threads or 1) if self.source == "table_scan" else 1
+        return (self.threads or os.cpu_count() or 1) if self.source == "table_scan" else 1
 
     def _inputs(self, images: np.ndarray) -> vp.PlanInputs:
         v, n = self._v, len(images)
