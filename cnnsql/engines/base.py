@@ -41,9 +41,11 @@ class Engine(ABC):
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     default_batch_size: ClassVar[int] = 256
     # `cnnsql bench` defaults for slow engines (None: the benchmark's own): test images of the offline
-    # phases (a prefix of the test split, so shared with the other engines), images per batch-size
-    # point, one-image calls of the single-stream phase.
+    # phases (a prefix of the test split, so shared with the other engines), images of the raw warm-up
+    # call (the SQL warm-up is then the one-image query), images per batch-size point, one-image calls
+    # of the single-stream phase.
     bench_sample: ClassVar[int | None] = None
+    bench_warmup_images: ClassVar[int | None] = None
     bench_sweep_images: ClassVar[int | None] = None
     bench_single_stream: ClassVar[int | None] = None
 

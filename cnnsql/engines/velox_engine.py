@@ -39,7 +39,8 @@ class VeloxEngine(Engine):
     devices = ("cpu",)
     default_batch_size = 32      # images per plan (prototype, 2 drivers: 27.5-28.7 images/s with 8, 33.2 with 32)
     bench_sample = 1000          # `cnnsql bench`: test images by default (--full: all), ~40 s per pass
-    bench_sweep_images = 64      # images per batch-size point of the sweep
+    bench_warmup_images = 64     # the warm-up compiles the plan: a whole 1,000-image pass is not needed
+    bench_sweep_images = 32      # images per batch-size point of the sweep
     bench_single_stream = 10     # one-image calls of the single-stream phase
     TICKETS = 16                 # image splits: batch rows go to ticket rid % TICKETS
     FC1_BLOCKS = 8               # fc1 weight blocks of 64 neurons (the fc1 pipeline's splits)
