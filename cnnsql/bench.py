@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from psycopg2 import sql
 
 from . import data, db, evadb_function, evadb_session, loader, results
-from .engines import ENGINES
+from .engines import ENGINES, engine_class
 from .errors import CnnsqlError
 from .monitor import ResourceMonitor
 
@@ -32,19 +31,22 @@ class BenchConfig:
     warmup: int = 1
     threads: int = 2
     device: str = "cpu"
-    limit: int | None = None            # test images for torch/tensorflow (default: all)
-    velox_sample: int = 48              # test images for velox (about 1.5 images/s)
+    limit: int | None = None            # test images for engines without a bench_sample (default: all)
+    sample: int | None = None           # test images for engines with a bench_sample (default: theirs)
+    full: bool = False                  # every engine on every test image
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
-    sweep_images: int = 1024            # images per batch-size point (velox: velox_sweep_images)
-    velox_sweep_images: int = 4
-    single_stream: int = 100            # one-image calls for the latency scenario (velox: 3)
+    sweep_images: int = 1024            # images per batch-size point (or the engine's bench_sweep_images)
+    single_stream: int = 100            # one-image calls for the latency scenario (or bench_single_stream)
     sql_single_stream: int = 5          # one-image SQL queries
     train_epochs: int = 2               # when no weights exist: a short default model
     progress: bool = True
 
     def n_images(self, engine: str, available: int) -> int:
-        n = self.velox_sample if engine == "velox" else (self.limit or available)
-        return min(n, available)
+        """The first N test images: the engine's declared sample (a prefix, so shared by every engine)."""
+        default = engine_class(engine).bench_sample
+        if self.full:
+            return available
+        return min((self.limit or available) if default is None else (self.sample or default), available)
 
 
 def query_text(name: str) -> str:
@@ -74,11 +76,6 @@ class Bench:
     # --- set-up ---------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        if "velox" in self.cfg.engines and (self.cfg.threads or 1) > 1:
-            # Before TensorFlow loads (training or the engine): else Velox falls back to one driver.
-            from .engines.velox_engine import prime_dwrf_writer
-
-            prime_dwrf_writer()
         db.ensure_schema(self.conn)
         info = results.dataset_info(self.conn)
         if "test" not in info or "train" not in info:
@@ -109,14 +106,14 @@ class Bench:
 
     # --- measurement ----------------------------------------------------------------------
 
-    def phase(self, spec: dict, call, reps: int, warmup: int, n_images: int, evaluate=None) -> dict:
-        """Warm up, time `reps` calls under a resource monitor, log one run. Returns its results."""
+    def phase(self, spec: dict, call, reps: int, warmup: int, n_images: int, evaluate=None, warm=None) -> dict:
+        """Warm up (`warm`, default `call`), time `reps` calls under a resource monitor, log one run."""
         spec = {"split": "test", "threads": self.cfg.threads, "dataset_kind": self.dataset_kind,
                 "weights": str(self.weights), "warmup": warmup, "repetitions": reps, "n_rows": n_images, **spec}
         run_id = results.start_run(self.conn, self.session, **spec)
         try:
             for _ in range(warmup):
-                call()
+                (warm or call)()
             walls, out = [], None
             with ResourceMonitor() as mon:
                 for _ in range(reps):
@@ -140,26 +137,34 @@ class Bench:
 
     def bench_engine(self, name: str) -> dict:
         cfg = self.cfg
-        device = cfg.device if name != "velox" else "cpu"
+        device = cfg.device if cfg.device in engine_class(name).devices else "cpu"
         engine = evadb_function.cached_engine(name, str(self.weights), device, cfg.threads)
         n = cfg.n_images(name, len(self.ids))
         images, labels, bs = self.images[:n], self.labels[:n], engine.default_batch_size
-        common = {"engine": name, "device": device, "batch_size": bs}
+        common = {"engine": name, "device": device, "batch_size": bs, "detail": {"engine": engine.describe()}}
         reps = cfg.repetitions
-        self.say(f"[{name}] raw offline: {n} images, batch {bs}, {cfg.warmup} warm-up + {reps} timed")
+        warm_n = min(n, type(engine).bench_warmup_images or n)  # a slow engine warms up on fewer images
+        self.say(f"[{name}] raw offline: {n} images, batch {bs}, {cfg.warmup} warm-up ({warm_n} images) + {reps} timed")
+        last = {}
 
         def accuracy_of(probs):
-            return {"accuracy": float((probs.argmax(1) == labels).mean())}
+            last["pred"] = probs.argmax(1)
+            return {"accuracy": float((last["pred"] == labels).mean())}
 
-        raw = self.phase({**common, "kind": "raw", "scenario": "offline"},
-                         lambda: engine.predict(images, bs), reps, cfg.warmup, n, accuracy_of)
-        raw_pred = engine.predict(images, bs).argmax(1)
+        raw = self.phase({**common, "kind": "raw", "scenario": "offline"}, lambda: engine.predict(images, bs), reps,
+                         cfg.warmup, n, accuracy_of, warm=lambda: engine.predict(images[:warm_n], bs))
+        raw_pred = last["pred"]
 
         query = query_text(f"offline_{name}")
         if n < len(self.ids):  # a sample: the first n ids, filtered inside PostgreSQL (pushed down)
             query = query.replace("pg.cifar_test;", f"pg.cifar_test WHERE id < {int(n)};")
         self.say(f"[{name}] SQL offline: {query}")
         before = dict(evadb_function.STATS.get(name, {}))
+        q1 = query_text(f"single_stream_{name}")
+
+        def sql_warm():  # the offline query, or the one-image query when the engine warms up on fewer images
+            evadb_session.run(self.cursor, query if warm_n == n else q1)
+            before.update(evadb_function.STATS.get(name, {}))
 
         def sql_eval(df):
             pred = pd.Series(df["label"].to_numpy(), index=df["id"].to_numpy()).sort_index()
@@ -167,29 +172,27 @@ class Bench:
             if len(pred) != n or not np.array_equal(pred.index.to_numpy(), self.ids[:n]):
                 raise CnnsqlError(f"{name}: SQL query returned {len(pred)} rows, expected ids 0..{n - 1}")
             after = evadb_function.STATS[name]
-            calls = reps + cfg.warmup
-            split = {k: (after[k] - before.get(k, 0)) / calls for k in ("decode_s", "predict_s")}
+            split = {k: (after[k] - before.get(k, 0)) / reps for k in ("decode_s", "predict_s")}
             return {"accuracy": float((pred.to_numpy() == labels).mean()),
-                    "detail": {"sql_matches_raw": float((pred.to_numpy() == raw_pred).mean()), **split,
+                    "detail": {**common["detail"], "sql_matches_raw": float((pred.to_numpy() == raw_pred).mean()), **split,
                                "raw_wall_s": raw["wall_s"], "bad_rows": after.get("bad_rows", 0)}}
 
         sq = self.phase({**common, "kind": "sql", "scenario": "offline", "query": query},
-                        lambda: evadb_session.run(self.cursor, query), reps, cfg.warmup, n, sql_eval)
+                        lambda: evadb_session.run(self.cursor, query), reps, cfg.warmup, n, sql_eval, warm=sql_warm)
         self.sql_runs[name] = sq["run_id"]
 
-        sweep_n = min(n, cfg.velox_sweep_images if name == "velox" else cfg.sweep_images)
+        sweep_n = min(n, type(engine).bench_sweep_images or cfg.sweep_images)
         for b in cfg.batch_sizes:
             self.say(f"[{name}] raw batch {b}: {sweep_n} images")
             self.phase({**common, "batch_size": b, "kind": "raw", "scenario": "batch-sweep"},
                        lambda: engine.predict(self.images[:sweep_n], b), max(1, reps - 1), 1, sweep_n)
 
-        k = 3 if name == "velox" else cfg.single_stream
+        k = type(engine).bench_single_stream or cfg.single_stream
         self.say(f"[{name}] single-stream: {k} one-image calls")
         it = iter(range(10**9))
         single = self.phase({**common, "batch_size": 1, "kind": "raw", "scenario": "single-stream"},
                             lambda: engine.predict(self.images[next(it) % n][None], 1), k, 1, 1)
 
-        q1 = query_text(f"single_stream_{name}")
         self.say(f"[{name}] SQL single-stream: {cfg.sql_single_stream} x {q1}")
         single_sql = self.phase({**common, "batch_size": 1, "kind": "sql", "scenario": "single-stream", "query": q1},
                                 lambda: evadb_session.run(self.cursor, q1), cfg.sql_single_stream, 1, 1)

@@ -23,7 +23,7 @@ def cmd_bench(args) -> int:
     from .bench import BenchConfig, run_bench
 
     cfg = BenchConfig(engines=args.engines, weights=args.weights, repetitions=args.repetitions, warmup=args.warmup,
-                      threads=args.threads, device=args.device, limit=args.limit, velox_sample=args.velox_sample,
+                      threads=args.threads, device=args.device, limit=args.limit, sample=args.sample, full=args.full,
                       batch_sizes=args.batch_sizes, single_stream=args.single_stream,
                       sql_single_stream=args.sql_single_stream, train_epochs=args.train_epochs,
                       progress=not args.quiet)
@@ -47,9 +47,11 @@ def register_bench(sub) -> None:
     b.add_argument("--threads", type=int, default=2, help="intra-op threads / Velox drivers (default 2)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch/tensorflow device")
     b.add_argument("--limit", type=int, default=None, help="test images for torch/tensorflow (default: all)")
-    b.add_argument("--velox-sample", type=int, default=48, help="test images for Velox (default 48)")
+    b.add_argument("--sample", "--velox-sample", dest="sample", type=int, default=None,
+                   help="test images for engines that declare a default sample (Velox: the first 1,000)")
+    b.add_argument("--full", action="store_true", help="every engine on every test image (Velox too)")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 64, 256], help="raw batch-size sweep")
-    b.add_argument("--single-stream", type=int, default=100, help="one-image raw calls (Velox: 3)")
+    b.add_argument("--single-stream", type=int, default=100, help="one-image raw calls (Velox: 10)")
     b.add_argument("--sql-single-stream", type=int, default=5, help="one-image SQL queries per engine")
     b.add_argument("--train-epochs", type=int, default=2, help="epochs of the default model if no weights exist (2)")
     b.add_argument("--cluster", choices=["local", "ray"], default="local",

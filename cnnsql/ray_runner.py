@@ -19,6 +19,7 @@ import numpy as np
 from psycopg2 import sql
 
 from . import db, evadb_function, results
+from .engines import engine_class
 from .errors import CnnsqlError
 from .monitor import ResourceMonitor
 
@@ -133,7 +134,7 @@ def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> li
     rows = []
     try:
         for engine in cfg.engines:
-            n = min(cfg.velox_sample if engine == "velox" else (cfg.limit or n_avail), n_avail)
+            n = cfg.n_images(engine, n_avail)
             for workers in workers_list:
                 rows.append(_run_one(cfg, conn, session, Actor, weights_ref, target, engine, workers, n, table,
                                      cluster, str(weights_path), info["test"]["kind"]))
@@ -152,7 +153,7 @@ def _run_one(cfg, conn, session, Actor, weights_ref, target, engine, workers, n,
     from ray.util import ActorPool
 
     threads = max(1, cfg.threads // workers)
-    batch = 16 if engine == "velox" else 256
+    batch = engine_class(engine).default_batch_size
     shards = _shards(n, workers * 4)
     run_id = results.start_run(
         conn, session, kind="ray", scenario="offline", engine=engine, split="test", n_rows=n, batch_size=batch,

@@ -91,5 +91,5 @@ def random_weights_file(tmp_path_factory):
 def bench_session(loaded, random_weights_file):
     """One small `cnnsql bench` over all engines (runs logged to the session database)."""
     return run_cli("bench", "--engines", ENGINES, "--weights", str(random_weights_file), "--limit", "300",
-                   "--velox-sample", "4", "--repetitions", "2", "--warmup", "1", "--batch-sizes", "16,64",
+                   "--sample", "4", "--repetitions", "2", "--warmup", "1", "--batch-sizes", "16,64",
                    "--single-stream", "5", "--sql-single-stream", "1", "--quiet", timeout=1200)

@@ -40,6 +40,14 @@ class Engine(ABC):
     name: ClassVar[str]
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     default_batch_size: ClassVar[int] = 256
+    # `cnnsql bench` defaults for slow engines (None: the benchmark's own): test images of the offline
+    # phases (a prefix of the test split, so shared with the other engines), images of the raw warm-up
+    # call (the SQL warm-up is then the one-image query), images per batch-size point, one-image calls
+    # of the single-stream phase.
+    bench_sample: ClassVar[int | None] = None
+    bench_warmup_images: ClassVar[int | None] = None
+    bench_sweep_images: ClassVar[int | None] = None
+    bench_single_stream: ClassVar[int | None] = None
 
     def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
         if device not in self.devices:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from evadb.binder.statement_binder import StatementBinder
