@@ -116,7 +116,8 @@ def read_source(source: str | None = None, synthetic: int | None = None, seed: i
     if synthetic:
         with tempfile.TemporaryDirectory(prefix="cnnsql-synthetic-") as tmp:
             md5 = cifar.write_synthetic(Path(tmp), synthetic, seed=seed)
-            data = cifar.read_dataset(Path(tmp), expected_md5=md5, kind="synthetic")
+            sizes = {n: (Path(tmp) / cifar.TOP / n).stat().st_size for n in md5}
+            data = cifar.read_dataset(Path(tmp), expected_md5=md5, kind="synthetic", expected_size=sizes)
         data.source = f"synthetic:{synthetic}:seed={seed}"
         print(f"SYNTHETIC data ({synthetic} train images): not CIFAR-10, for smoke tests only", file=sys.stderr)
         return data
