@@ -137,13 +137,14 @@ def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> li
         cluster = (f"{'ray ' + address if address else 'local ray'}: {len(ray.nodes())} node(s), "
                    f"{int(res.get('CPU', 0))} CPUs")
         session = results.new_session_id()
+        version = results.dataset_version(conn)
         weights_ref = ray.put(weights)
         Actor = ray.remote(max_restarts=3, max_task_retries=3)(ShardWorker)
         for engine in cfg.engines:
             n = min(cfg.velox_sample if engine == "velox" else (cfg.limit or n_avail), n_avail)
             for workers in workers_list:
                 rows.append(_run_one(cfg, conn, session, Actor, weights_ref, (target, env), engine, workers, n,
-                                     table, cluster, str(weights_path), info["test"]["kind"]))
+                                     table, cluster, str(weights_path), info["test"]["kind"], version))
     finally:
         ray.shutdown()
         conn.close()
@@ -154,7 +155,8 @@ def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> li
     return rows
 
 
-def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, table, cluster, weights, kind):
+def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, table, cluster, weights, kind,
+             version):
     import ray
     from ray.util import ActorPool
 
@@ -183,6 +185,7 @@ def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, 
                                                shards))
                 walls.append(time.perf_counter() - t0)
         check_complete(conn, table, run_id, n)
+        results.check_dataset(conn, version, f"Ray run {run_id}")
         wall = statistics.median(walls)
         res = {"wall_s": wall, "images_per_s": n / wall, "latency_ms": 1000 * wall / n, **mon.summary(),
                "detail": {"shards": len(shards), "workers_seen": sorted({d["worker"] for d in done})}}
