@@ -8,7 +8,9 @@ GCS stores pickled actor classes, so a reachable port means running code as this
   process tree on 127.0.0.1; with the node IP alone, `::` and the host's address);
 - token authentication (`RAY_AUTH_MODE=token`) with a fresh random token per run, handed to Ray's
   processes through their environment only;
-- no dashboard; the temp folder is `$CNNSQL_HOME/ray`, mode 0700 (Ray makes its folders 0777).
+- no dashboard; the temp folder is `$CNNSQL_HOME/ray`, mode 0700 (Ray makes its folders 0777). When
+  that path is too long for Ray's Unix sockets (108 bytes), a fresh 0700 folder from mkdtemp in
+  /tmp is used instead (said on stderr) and removed after the run.
 Secrets never travel as actor arguments: `worker_dsn` strips the password and `worker_secrets`
 writes it to a 0600 pgpass file inside that private folder, which libpq reads via PGPASSFILE.
 """
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from psycopg2.extensions import make_dsn
@@ -33,17 +38,33 @@ def temp_dir() -> Path:
     return config.state_dir() / "ray"
 
 
-def _private_dir(path: Path) -> Path:
+FALLBACK_PREFIX = "cnnsql-ray-"
+
+
+def private_dir(path: Path | None = None) -> Path:
+    """Ray's temp folder, mode 0700: $CNNSQL_HOME/ray, or a mkdtemp folder when that is too long."""
+    path = path or temp_dir()
+    if len(str(path)) + SOCKET_TAIL > UNIX_PATH_MAX:
+        short = Path(tempfile.mkdtemp(prefix=FALLBACK_PREFIX))  # 0700, unpredictable name
+        print(f"cnnsql: Ray's socket paths under {path} would be too long; using the private folder {short} "
+              "for this run (set CNNSQL_HOME to a shorter path to keep it there)", file=sys.stderr)
+        return short
     try:
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o700)
     except OSError as exc:
         raise CnnsqlError(f"cannot create Ray's private folder {path}: {exc.strerror}",
                           "make CNNSQL_HOME writable or point it elsewhere") from None
-    if len(str(path)) + SOCKET_TAIL > UNIX_PATH_MAX:
-        raise CnnsqlError(f"Ray's socket paths under {path} would be too long for Unix sockets",
-                          "set CNNSQL_HOME to a shorter path")
     return path
+
+
+def cleanup(path: Path | None) -> None:
+    """After ray.shutdown(): the password file goes; a mkdtemp folder goes entirely."""
+    if path is None:
+        return
+    (path / "pgpass").unlink(missing_ok=True)
+    if path.name.startswith(FALLBACK_PREFIX) and path.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _loopback_environment() -> dict:
@@ -63,7 +84,7 @@ def init(address: str | None, num_cpus: int) -> Path | None:
             raise CnnsqlError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0][:200]}",
                               "check --address and that `ray start --head` runs there") from None
         return None
-    tmp = _private_dir(temp_dir())
+    tmp = private_dir()
     os.environ.update(_loopback_environment())
     import ray
     from ray._common import utils as ray_utils

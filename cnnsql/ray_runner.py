@@ -147,6 +147,7 @@ def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> li
                                      table, cluster, str(weights_path), info["test"]["kind"], version))
     finally:
         ray.shutdown()
+        ray_local.cleanup(private_dir)
         conn.close()
     for r in rows:
         print(f"ray {r['engine']:<11} workers {r['workers']}: {r['n']} images in {r['wall_s']:.2f} s "

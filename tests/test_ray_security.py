@@ -79,6 +79,7 @@ def test_local_ray_listens_on_loopback_only_with_a_private_folder(loaded, target
                 except psutil.NoSuchProcess:
                     pass
             mode = stat.S_IMODE((home / "ray").stat().st_mode)
+            pgpass_mode = stat.S_IMODE((home / "ray" / "pgpass").stat().st_mode)
             break
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout + stderr
@@ -87,10 +88,10 @@ def test_local_ray_listens_on_loopback_only_with_a_private_folder(loaded, target
     assert not exposed, f"listening beyond loopback: {exposed}"
     assert mode == 0o700, oct(mode)
     assert not any(password in c for c in cmdlines)
-    for f in (home / "ray").rglob("*"):  # logs, session files: the password only in the 0600 pgpass
+    assert pgpass_mode == 0o600
+    for f in (home / "ray").rglob("*"):  # logs, session files: no password left after the run
         if f.is_file() and not f.is_symlink() and f.stat().st_size < 50_000_000:
-            if password.encode() in f.read_bytes():
-                assert f.name == "pgpass" and stat.S_IMODE(f.stat().st_mode) == 0o600, f
+            assert password.encode() not in f.read_bytes(), f
     assert password not in stdout + stderr
     shutil.rmtree(home, ignore_errors=True)
 
@@ -115,9 +116,22 @@ def test_remote_ray_gets_no_password_from_the_dsn():
         {"OMP_NUM_THREADS": "1"}
 
 
-def test_ray_temp_path_too_long_is_one_clear_line(monkeypatch, tmp_path):
-    from cnnsql.errors import CnnsqlError
-
-    monkeypatch.setenv("CNNSQL_HOME", str(tmp_path / ("x" * 80)))
-    with pytest.raises(CnnsqlError, match="shorter path"):
-        ray_local.init(None, 1)
+def test_a_cnnsql_home_too_long_for_ray_sockets_gets_a_private_short_folder(tmp_path):
+    long_home = tmp_path / ("x" * 80)
+    path = ray_local.private_dir(long_home / "ray")
+    try:
+        assert len(str(path)) + ray_local.SOCKET_TAIL <= ray_local.UNIX_PATH_MAX
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700 and path.stat().st_uid == os.getuid()
+        (path / "pgpass").write_text("x")
+        ray_local.cleanup(path)
+        assert not path.exists()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    home = Path(tempfile.mkdtemp(prefix="crs", dir="/tmp"))
+    try:
+        short = ray_local.private_dir(home / "ray")
+        assert short == home / "ray" and stat.S_IMODE(short.stat().st_mode) == 0o700
+        ray_local.cleanup(short)
+        assert short.exists()  # only the mkdtemp fallback is removed
+    finally:
+        shutil.rmtree(home)
