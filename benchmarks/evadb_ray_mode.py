@@ -4,10 +4,20 @@ EvaDB 0.3.9 parallelises function evaluation with Ray when its catalog setting `
 `SET ray = True;` is accepted but, as measured here, leaves the setting false, so this script
 also sets it through EvaDB's catalog API. Usage:
     python benchmarks/evadb_ray_mode.py [--rows 1000] [--repetitions 3]
+
+EvaDB's `ray` extra asks for ray<2.5; the pinned ray 2.55.1 runs its Ray mode all the same
+(measured). EvaDB starts Ray itself: the environment below keeps that instance on loopback
+(see cnnsql/ray_local.py), since EvaDB passes no such option.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node IP = 127.0.0.1: loopback listeners
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 import statistics
 import tempfile
 import time

@@ -83,6 +83,7 @@ class Bench:
             loader.load(self.target, progress=self.cfg.progress)
             info = results.dataset_info(self.conn)
         self.dataset_kind = info["test"]["kind"]
+        self.data_version = results.dataset_version(self.conn)  # checked again before each run is logged
         if self.dataset_kind != "cifar-10":
             self.say(f"NOTE: the loaded data is {self.dataset_kind}, not CIFAR-10; accuracy figures mean nothing")
         self.weights = Path(self.cfg.weights or evadb_function.default_weights()).absolute()
@@ -128,6 +129,7 @@ class Bench:
                 res.update(p50_ms=percentile(ms, 50), p90_ms=percentile(ms, 90), p99_ms=percentile(ms, 99))
             if evaluate is not None:
                 res.update(evaluate(out))
+            results.check_dataset(self.conn, self.data_version, f"run {run_id}")
             results.finish_run(self.conn, run_id, res, repetitions=walls)
         except BaseException as exc:
             results.fail_run(self.conn, run_id, repr(exc))
@@ -148,12 +150,15 @@ class Bench:
         last = {}
 
         def accuracy_of(probs):
-            last["pred"] = probs.argmax(1)
-            return {"accuracy": float((last["pred"] == labels).mean())}
+            last["probs"] = probs
+            return {"accuracy": float((probs.argmax(1) == labels).mean())}
 
         raw = self.phase({**common, "kind": "raw", "scenario": "offline"}, lambda: engine.predict(images, bs), reps,
                          cfg.warmup, n, accuracy_of, warm=lambda: engine.predict(images[:warm_n], bs))
-        raw_pred = last["pred"]
+        raw_probs = last["probs"]
+        raw_pred = raw_probs.argmax(1)
+        top2 = np.sort(raw_probs, axis=1)[:, -2:]
+        near_tie = top2[:, 1] - top2[:, 0] < 1e-3  # the only rows where SQL and raw may round apart
 
         query = query_text(f"offline_{name}")
         if n < len(self.ids):  # a sample: the first n ids, filtered inside PostgreSQL (pushed down)
@@ -171,6 +176,11 @@ class Bench:
             self.sql_predictions[name] = pred
             if len(pred) != n or not np.array_equal(pred.index.to_numpy(), self.ids[:n]):
                 raise CnnsqlError(f"{name}: SQL query returned {len(pred)} rows, expected ids 0..{n - 1}")
+            differ = int(((pred.to_numpy() != raw_pred) & ~near_tie).sum())
+            if differ:
+                raise CnnsqlError(f"{name}: the SQL output differs from the raw engine's on {differ} of {n} images "
+                                  "(not near-ties); the run is marked failed",
+                                  "the data or the function changed under the run; rerun it")
             after = evadb_function.STATS[name]
             split = {k: (after[k] - before.get(k, 0)) / reps for k in ("decode_s", "predict_s")}
             return {"accuracy": float((pred.to_numpy() == labels).mean()),

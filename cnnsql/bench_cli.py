@@ -15,6 +15,19 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= minimum (0 or negative repetitions, samples or limits mean nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _engines(text: str) -> list[str]:
     return [e.strip() for e in text.split(",") if e.strip()]
 
@@ -42,18 +55,18 @@ def register_bench(sub) -> None:
                    help="comma-separated (default: torch,tensorflow,velox)")
     b.add_argument("--weights", type=Path, default=None,
                    help="weights file (default: $CNNSQL_WEIGHTS or .cnnsql/weights/default.npz, trained if missing)")
-    b.add_argument("--repetitions", type=int, default=3, help="timed repetitions per phase (default 3)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per phase (default 1)")
-    b.add_argument("--threads", type=int, default=2, help="intra-op threads / Velox drivers (default 2)")
+    b.add_argument("--repetitions", type=_count(1), default=3, help="timed repetitions per phase (default 3)")
+    b.add_argument("--warmup", type=_count(0), default=1, help="untimed warm-up calls per phase (default 1)")
+    b.add_argument("--threads", type=_count(1), default=2, help="intra-op threads / Velox drivers (default 2)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch/tensorflow device")
-    b.add_argument("--limit", type=int, default=None, help="test images for torch/tensorflow (default: all)")
-    b.add_argument("--sample", "--velox-sample", dest="sample", type=int, default=None,
+    b.add_argument("--limit", type=_count(1), default=None, help="test images for torch/tensorflow (default: all)")
+    b.add_argument("--sample", "--velox-sample", dest="sample", type=_count(1), default=None,
                    help="test images for engines that declare a default sample (Velox: the first 1,000)")
     b.add_argument("--full", action="store_true", help="every engine on every test image (Velox too)")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 64, 256], help="raw batch-size sweep")
-    b.add_argument("--single-stream", type=int, default=100, help="one-image raw calls (Velox: 10)")
-    b.add_argument("--sql-single-stream", type=int, default=5, help="one-image SQL queries per engine")
-    b.add_argument("--train-epochs", type=int, default=2, help="epochs of the default model if no weights exist (2)")
+    b.add_argument("--single-stream", type=_count(1), default=100, help="one-image raw calls (Velox: 10)")
+    b.add_argument("--sql-single-stream", type=_count(1), default=5, help="one-image SQL queries per engine")
+    b.add_argument("--train-epochs", type=_count(1), default=2, help="epochs of the default model if no weights exist (2)")
     b.add_argument("--cluster", choices=["local", "ray"], default="local",
                    help="local: EvaDB SQL benchmark in this process; ray: engines as Ray actors over shards")
     b.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")

@@ -6,12 +6,14 @@ builtins.eval, ...) is refused before it can be imported or called.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
 import pickle
 import tarfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,15 @@ MEMBER_MD5 = {
     "test_batch": "40351d587109b95175f43aff81a1287e",
     "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
 }
+# Member sizes of the official archive: anything else is refused from its header, before reading.
+MEMBER_SIZE = {
+    "data_batch_1": 31035704, "data_batch_2": 31035320, "data_batch_3": 31035999, "data_batch_4": 31035696,
+    "data_batch_5": 31035623, "test_batch": 31035526, "batches.meta": 158,
+}
+OPTIONAL_SIZE = {"readme.html": 4096}  # 88 bytes in the official archive; never read
+MAX_MEMBER_BYTES = 256 << 20  # members of other (e.g. synthetic) datasets, whose sizes the caller may give
+MAX_ENTRIES = 32              # tar entries read before giving up (the official archive has 9)
+CHUNK = 1 << 20
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 OPTIONAL_MEMBERS = {"readme.html"}
 IMAGE_BYTES = 3072
@@ -82,39 +93,109 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def _read_members(source: Path) -> dict[str, bytes]:
-    """Raw bytes of every member, from a .tar.gz or an extracted directory. Never extracts to disk."""
+class _CappedReader:
+    """A read-only stream that refuses to deliver more than `cap` bytes in total (gzip bombs, huge
+    tar headers that tarfile would read into memory at once)."""
+
+    def __init__(self, raw, cap: int, source: Path):
+        self.raw, self.cap, self.source, self.done = raw, cap, source, 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or self.done + size > self.cap:
+            raise CnnsqlError(f"archive {self.source} expands beyond the {self.cap:,} bytes CIFAR-10 needs",
+                              "it is not the official CIFAR-10 archive; download it again from " + URL)
+        data = self.raw.read(size)
+        self.done += len(data)
+        return data
+
+
+def _read_limited(stream, size: int, name: str, where: str) -> tuple[bytes, str]:
+    """Exactly `size` bytes in 1 MiB chunks (hashed as they come): memory never exceeds the size."""
+    buf, digest = bytearray(), hashlib.md5()
+    while len(buf) < size:
+        chunk = stream.read(min(CHUNK, size - len(buf)))
+        if not chunk:
+            raise CnnsqlError(f"{where}: member {name} is shorter than its {size:,} bytes",
+                              "the archive is truncated or corrupt; download it again from " + URL)
+        buf += chunk
+        digest.update(chunk)
+    return bytes(buf), digest.hexdigest()
+
+
+def _check_size(name: str, size: int, limits: dict[str, int], where: str) -> None:
+    limit = limits.get(name, OPTIONAL_SIZE.get(name, 0))
+    exact = limits is MEMBER_SIZE and name in MEMBER_SIZE
+    if size > limit or (exact and size != limit):
+        raise CnnsqlError(f"{where}: member {name} is {size:,} bytes, expected {'' if exact else 'at most '}{limit:,}",
+                          "it is not the official CIFAR-10; nothing was read from it")
+
+
+def _read_members(source: Path, limits: dict[str, int]) -> dict[str, tuple[bytes, str]]:
+    """(bytes, md5) of every member, from a .tar.gz or an extracted directory. Never extracts to disk;
+    every size is checked against `limits` before a byte of the member is read."""
     if source.is_dir():
-        top = source / TOP if (source / TOP).is_dir() else source
-        names = {p.name for p in top.iterdir() if p.is_file()}
-        _check_names(names, str(top))
-        return {n: (top / n).read_bytes() for n in names if n in MEMBER_MD5}
+        return _read_dir(source, limits)
+    cap = sum(limits.get(n, 0) for n in MEMBER_MD5) + sum(OPTIONAL_SIZE.values()) + (1 << 20)
     try:
-        with tarfile.open(source, "r:*") as tar:
-            members = {}
-            for m in tar:
-                if m.isdir():
-                    if m.name.rstrip("/") != TOP:
-                        raise CnnsqlError(f"archive {source} has unexpected directory {m.name!r}",
-                                          f"expected only {TOP}/")
-                    continue
-                parent, _, base = m.name.partition("/")
-                if parent != TOP or "/" in base or not m.isfile():
-                    raise CnnsqlError(f"archive {source} has unexpected member {m.name!r}",
-                                      f"expected files under {TOP}/ only")
-                members[base] = m
-            _check_names(set(members), str(source))
-            return {n: tar.extractfile(m).read() for n, m in members.items() if n in MEMBER_MD5}
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        with open(source, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            raw = gzip.GzipFile(fileobj=f) if gz else f
+            with tarfile.open(fileobj=_CappedReader(raw, cap, source), mode="r|") as tar:
+                return _read_tar(tar, source, limits)
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
         raise CnnsqlError(f"archive {source} is truncated or corrupt: {exc}",
                           "download it again from " + URL) from None
 
 
-def _check_names(names: set[str], where: str) -> None:
+def _read_tar(tar: tarfile.TarFile, source: Path, limits: dict[str, int]) -> dict[str, tuple[bytes, str]]:
+    out, names, entries = {}, set(), 0
+    for m in tar:
+        entries += 1
+        if entries > MAX_ENTRIES:
+            raise CnnsqlError(f"archive {source} has more than {MAX_ENTRIES} entries", "expected CIFAR-10's 9")
+        if m.isdir():
+            if m.name.rstrip("/") != TOP:
+                raise CnnsqlError(f"archive {source} has unexpected directory {m.name!r}", f"expected only {TOP}/")
+            continue
+        parent, _, base = m.name.partition("/")
+        if parent != TOP or "/" in base or not m.isfile() or m.issparse():
+            raise CnnsqlError(f"archive {source} has unexpected member {m.name!r}",
+                              f"expected regular files under {TOP}/ only")
+        _check_names({base}, str(source), complete=False)
+        if base in names:
+            raise CnnsqlError(f"archive {source} has member {base} twice", "use the official CIFAR-10 archive")
+        names.add(base)
+        _check_size(base, m.size, limits, str(source))
+        if base in MEMBER_MD5:
+            out[base] = _read_limited(tar.extractfile(m), m.size, base, str(source))
+    _check_names(names, str(source))
+    return out
+
+
+def _read_dir(source: Path, limits: dict[str, int]) -> dict[str, tuple[bytes, str]]:
+    top = source / TOP if (source / TOP).is_dir() else source
+    names = {p.name for p in top.iterdir() if p.is_file()}
+    _check_names(names, str(top), complete=False)
+    for name in sorted(names & set(MEMBER_MD5)):  # every size before any read
+        _check_size(name, (top / name).stat().st_size, limits, str(top))
+    _check_names(names, str(top))
+    out = {}
+    for name in sorted(names & set(MEMBER_MD5)):
+        with open(top / name, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            _check_size(name, size, limits, str(top))
+            out[name] = _read_limited(f, size, name, str(top))
+    return out
+
+
+def _check_names(names: set[str], where: str, complete: bool = True) -> None:
     unexpected = sorted(names - set(MEMBER_MD5) - OPTIONAL_MEMBERS)
     if unexpected:
         raise CnnsqlError(f"{where} has unexpected member(s) {', '.join(unexpected)}",
                           "use the official CIFAR-10 python-version archive")
+    if not complete:
+        return
     missing = sorted(set(MEMBER_MD5) - names)
     if missing:
         raise CnnsqlError(f"{where} is missing {', '.join(missing)}", "the archive is incomplete; download it again")
@@ -136,11 +217,19 @@ def _parse_batch(raw: bytes, member: str) -> tuple[np.ndarray, np.ndarray]:
     return data, labels.astype(np.int16)
 
 
-def read_dataset(source: Path, expected_md5: dict[str, str] | None = None, kind: str = "cifar-10") -> Dataset:
-    """Read and verify every member; return both splits and the class names."""
-    expected_md5 = MEMBER_MD5 if expected_md5 is None else expected_md5
-    raw = _read_members(Path(source))
-    md5 = {n: _md5(b) for n, b in raw.items()}
+def read_dataset(source: Path, expected_md5: dict[str, str] | None = None, kind: str = "cifar-10",
+                 expected_size: dict[str, int] | None = None) -> Dataset:
+    """Read and verify every member; return both splits and the class names.
+
+    The official archive's members must have their official sizes; other datasets (expected_md5
+    given) at most `expected_size` or MAX_MEMBER_BYTES each."""
+    if expected_md5 is None:
+        expected_md5, limits = MEMBER_MD5, MEMBER_SIZE
+    else:
+        limits = expected_size or {n: MAX_MEMBER_BYTES for n in MEMBER_MD5}
+    members = _read_members(Path(source), limits)
+    raw = {n: b for n, (b, _) in members.items()}
+    md5 = {n: h for n, (_, h) in members.items()}
     for name, want in expected_md5.items():
         if md5.get(name) != want:
             raise CnnsqlError(f"checksum mismatch for {name} in {source}: md5 {md5.get(name)}, expected {want}",
@@ -185,15 +274,23 @@ def resolve_source(source: str | None, download: bool = True, progress: bool = T
         path = Path(source).expanduser()
         if not path.exists():
             raise CnnsqlError(f"--source {path} does not exist", "give the .tar.gz or the extracted cifar-10-batches-py folder")
-        return path
+        return _regular(path, "--source")
     for what, path in candidate_sources():
         if path.exists():
-            return path
+            return _regular(path, what)
         if what == "$CIFAR10_PATH":
             raise CnnsqlError(f"CIFAR10_PATH={path} does not exist", "point it at the .tar.gz or the extracted folder")
     if download:
         return _download(config.state_dir() / "downloads" / ARCHIVE_NAME, progress)
     raise CnnsqlError("CIFAR-10 not found", _where_to_put_it())
+
+
+def _regular(path: Path, what: str) -> Path:
+    """Only a regular file or a folder: a FIFO, socket or device would block or never end."""
+    if not (path.is_file() or path.is_dir()):
+        raise CnnsqlError(f"{what} {path} is not a regular file or folder (a FIFO, socket or device?)",
+                          "give the .tar.gz or the extracted cifar-10-batches-py folder")
+    return path
 
 
 def _where_to_put_it() -> str:

@@ -73,8 +73,15 @@ def cmd_predict(args) -> int:
 
 # --- parser -------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the project's one-line form (argparse prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"cnnsql: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cnnsql", description="Compare PyTorch, TensorFlow and Velox on CIFAR-10 in PostgreSQL, driven by SQL.")
+    p = _Parser(prog="cnnsql", description="Compare PyTorch, TensorFlow and Velox on CIFAR-10 in PostgreSQL, driven by SQL.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -144,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         print(f"cnnsql: error: database error: {first} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a read-only or full CNNSQL_HOME, a missing folder: the path and the reason
+        if args.debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"cnnsql: error: {exc.strerror or exc}{where} (check that the path exists and is writable; state "
+              f"lives in CNNSQL_HOME={config.state_dir()})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cnnsql: interrupted; nothing half-written was committed", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Load CIFAR-10 into PostgreSQL with binary COPY: one transaction per split, so a re-run
-replaces a split (no duplicates) and an interrupted load leaves the previous state."""
+"""Load CIFAR-10 into PostgreSQL with binary COPY: both splits, the class names and the provenance
+rows in ONE transaction, so a re-run replaces the dataset (no duplicates) and an interrupted load
+leaves the previous dataset entirely (never one split of each)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psycopg2
 from psycopg2 import sql
 from tqdm import tqdm
 
 from . import cifar, db
 from .cifar import IMAGE_BYTES, Dataset, Split
+from .errors import CnnsqlError
 
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 COPY_TRAILER = struct.pack(">h", -1)
@@ -65,40 +68,45 @@ class _CopyStream:
 
 
 def load_dataset(conn, data: Dataset, progress: bool = True) -> dict[str, dict]:
-    """Replace each split in its own transaction; return per-split rows and seconds."""
+    """Replace the whole dataset in one transaction; return per-split rows and seconds."""
     db.ensure_schema(conn)
     stats = {}
     try:
-        for name, split in data.splits.items():
-            stats[name] = _load_split(conn, data, name, split, progress)
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('cnnsql.load'))")
+            for name, split in data.splits.items():
+                stats[name] = _load_split(cur, conn, data, name, split, progress)
+            cur.execute("DELETE FROM cifar_class")
+            cur.executemany("INSERT INTO cifar_class (label, name) VALUES (%s, %s)", list(enumerate(data.class_names)))
+        conn.commit()
     except BaseException:
-        conn.rollback()  # nothing of the interrupted split stays
+        if not conn.closed:  # nothing of the interrupted load stays (a dead server rolled back already)
+            try:
+                conn.rollback()
+            except psycopg2.Error:
+                pass
         raise
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for name in data.splits:
+            cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(f"cifar_image_{name}")))
+    conn.autocommit = False
     return stats
 
 
-def _load_split(conn, data: Dataset, name: str, split: Split, progress: bool) -> dict:
+def _load_split(cur, conn, data: Dataset, name: str, split: Split, progress: bool) -> dict:
     t0 = time.perf_counter()
     n = len(split.labels)
     partition = sql.Identifier(f"cifar_image_{name}")
-    with conn.cursor() as cur, tqdm(total=n, unit="img", unit_scale=True, desc=f"load {name}",
-                                    disable=not progress) as bar:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('cnnsql.load'))")
+    with tqdm(total=n, unit="img", unit_scale=True, desc=f"load {name}", disable=not progress) as bar:
         cur.execute(sql.SQL("TRUNCATE {}").format(partition))
         cur.copy_expert(sql.SQL("COPY {} (split, id, label, img) FROM STDIN (FORMAT binary)")
                         .format(partition).as_string(conn), _CopyStream(split, bar), size=1 << 20)
-        cur.execute("DELETE FROM cifar_class")
-        cur.executemany("INSERT INTO cifar_class (label, name) VALUES (%s, %s)", list(enumerate(data.class_names)))
-        cur.execute(
-            """INSERT INTO cifar_dataset (split, kind, source, n_rows, md5) VALUES (%s, %s, %s, %s, %s)
-               ON CONFLICT (split) DO UPDATE SET kind = EXCLUDED.kind, source = EXCLUDED.source,
-               n_rows = EXCLUDED.n_rows, md5 = EXCLUDED.md5, loaded_at = now()""",
-            (name, data.kind, data.source, n, json.dumps(split.md5)))
-    conn.commit()
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("ANALYZE {}").format(partition))
-    conn.autocommit = False
+    cur.execute(
+        """INSERT INTO cifar_dataset (split, kind, source, n_rows, md5) VALUES (%s, %s, %s, %s, %s)
+           ON CONFLICT (split) DO UPDATE SET kind = EXCLUDED.kind, source = EXCLUDED.source,
+           n_rows = EXCLUDED.n_rows, md5 = EXCLUDED.md5, loaded_at = now()""",
+        (name, data.kind, data.source, n, json.dumps(split.md5)))
     return {"rows": n, "seconds": time.perf_counter() - t0}
 
 
@@ -116,7 +124,8 @@ def read_source(source: str | None = None, synthetic: int | None = None, seed: i
     if synthetic:
         with tempfile.TemporaryDirectory(prefix="cnnsql-synthetic-") as tmp:
             md5 = cifar.write_synthetic(Path(tmp), synthetic, seed=seed)
-            data = cifar.read_dataset(Path(tmp), expected_md5=md5, kind="synthetic")
+            sizes = {n: (Path(tmp) / cifar.TOP / n).stat().st_size for n in md5}
+            data = cifar.read_dataset(Path(tmp), expected_md5=md5, kind="synthetic", expected_size=sizes)
         data.source = f"synthetic:{synthetic}:seed={seed}"
         print(f"SYNTHETIC data ({synthetic} train images): not CIFAR-10, for smoke tests only", file=sys.stderr)
         return data
@@ -125,11 +134,33 @@ def read_source(source: str | None = None, synthetic: int | None = None, seed: i
     return cifar.read_dataset(path)
 
 
+def _reachable(target: db.Target) -> bool:
+    try:
+        psycopg2.connect(target.dsn, connect_timeout=3).close()
+        return True
+    except psycopg2.Error:
+        return False
+
+
+def _lost_connection(target: db.Target, exc: Exception) -> CnnsqlError:
+    """The connection broke mid-load: say why (server stopped?) rather than 'connection closed'."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    cause = next((l for l in lines if "terminating" in l or "shutting down" in l), lines[0] if lines else "")
+    if "administrator command" in cause or "shutting down" in cause or not _reachable(target):
+        cause = "the PostgreSQL server was stopped during the load" + (f" ({cause})" if cause else "")
+    return CnnsqlError(f"the load was interrupted: {cause}; nothing of it was committed, the previous dataset is intact",
+                       "start the server (`cnnsql db start`) and run `cnnsql load` again")
+
+
 def load(target: db.Target | None = None, **source_options) -> dict[str, dict]:
     """Read and verify the source first (no database needed for that), then load it."""
     data = read_source(**source_options)
+    target = target or db.resolve()
     with db.connection(target) as conn:
-        stats = load_dataset(conn, data, progress=source_options.get("progress", True))
+        try:
+            stats = load_dataset(conn, data, progress=source_options.get("progress", True))
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            raise _lost_connection(target, exc) from None
     total = sum(s["rows"] for s in stats.values())
     secs = sum(s["seconds"] for s in stats.values())
     parts = ", ".join(f"{k} {v['rows']}" for k, v in stats.items())

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
-import socket
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from .errors import CnnsqlError
 
@@ -30,6 +34,28 @@ SETTINGS = {
     "max_wal_size": "2GB",
     "logging_collector": "off",
 }
+
+HBA = ("# socket: directory mode 0700, owner only. TCP: loopback only, password in pgpass (0600). Never trust on TCP.\n"
+       "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+
+
+def _valid_port(text: str, where: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1024 <= port <= 65535:
+        raise CnnsqlError(f"{where}: {text!r} is not a TCP port in 1024-65535", "give a free port number such as 54320")
+    return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def pg_bin(tool: str) -> str:
@@ -95,35 +121,59 @@ class PrivateCluster:
             os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
 
     @property
-    def initialized(self) -> bool:
+    def exists(self) -> bool:
+        """initdb has written a data directory (complete or not)."""
         return (self.data / "PG_VERSION").is_file()
 
     @property
-    def port(self) -> int:
-        return int(self.port_file.read_text())
+    def initialized(self) -> bool:
+        """Set-up finished: password, loopback-only TCP, pgpass. Written last, so never true half-way."""
+        return self.exists and self.marker.is_file()
 
-    @staticmethod
-    def _free_port() -> int:
+    @property
+    def marker(self) -> Path:
+        return self.root / "initialized"
+
+    @property
+    def port(self) -> int:
+        try:
+            return _valid_port(self.port_file.read_text().strip(), str(self.port_file))
+        except OSError:
+            raise CnnsqlError(f"the private cluster has no port file {self.port_file}",
+                              "run `cnnsql db start`") from None
+
+    def _choose_port(self) -> int:
+        """CNNSQL_PG_PORT (validated, must be free), else the cluster's own port, else the first free one."""
         wanted = os.environ.get("CNNSQL_PG_PORT")
         if wanted:
-            return int(wanted)
+            port = _valid_port(wanted, "CNNSQL_PG_PORT")
+            if port != self._current_port() and not _port_free(port):
+                raise CnnsqlError(f"CNNSQL_PG_PORT={port} is in use by another program",
+                                  "choose a free port or unset CNNSQL_PG_PORT")
+            return port
+        current = self._current_port()
+        if current:
+            return current
         for port in range(54320, 54420):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                    return port
-                except OSError:
-                    continue
+            if _port_free(port):
+                return port
         raise CnnsqlError("no free TCP port in 54320-54419 for the private cluster", "set CNNSQL_PG_PORT")
+
+    def _current_port(self) -> int | None:
+        try:
+            return _valid_port(self.port_file.read_text().strip(), str(self.port_file))
+        except (OSError, CnnsqlError):
+            return None
 
     def _check_socket_path(self) -> None:
         if len(str(self.socket_dir / ".s.PGSQL.54320")) > 100:
             raise CnnsqlError(f"socket path under {self.socket_dir} is too long for a Unix socket",
                               "set CNNSQL_HOME to a shorter path")
 
-    def init(self) -> None:
-        if self.initialized:
-            return
+    def _preflight(self) -> int:
+        """Everything that can fail before initdb: binaries, paths, folders, the port."""
+        for tool in ("initdb", "postgres", "pg_ctl"):
+            pg_bin(tool)
         self._check_socket_path()
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755 if self.run_as else 0o700)
@@ -132,45 +182,140 @@ class PrivateCluster:
         if self.run_as is not None and self._run("test", "-w", str(self.data), check=False).returncode != 0:
             raise CnnsqlError(f"user {self.run_as.pw_name!r} cannot reach {self.data} (a parent directory is private)",
                               "set CNNSQL_HOME to a directory other users can traverse, e.g. /var/tmp/cnnsql")
-        self._run(pg_bin("initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=trust",
-                  "--encoding=UTF8", "--no-instructions")
-        port = self._free_port()
+        return self._choose_port()
+
+    def init(self) -> None:
+        """Create the cluster, or repair one whose set-up was interrupted. TCP never has trust auth:
+        initdb itself writes scram-sha-256 for host lines and sets the password (--pwfile)."""
+        if self.initialized:
+            return
+        port = self._preflight()
+        password = secrets.token_urlsafe(24)
+        if self.exists:
+            print(f"cnnsql: repairing the private cluster at {self.data}: its set-up is not marked complete",
+                  file=sys.stderr)
+            self._stop_half_made()
+            self._write_hba()
+            self._set_password(password)
+        else:
+            if any(self.data.iterdir()):  # an initdb killed before PG_VERSION: nothing in it yet
+                shutil.rmtree(self.data)
+                self._own(self.data, 0o700)
+            self._initdb(password)
+            self._write_hba()
+        self._configure_port(port, password)
+        self.marker.write_text("set-up complete: scram-sha-256 on 127.0.0.1, password in pgpass\n")
+
+    def _initdb(self, password: str) -> None:
+        pwfile = self.root / "initdb.pw"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        if self.run_as is not None:
+            os.chown(pwfile, self.run_as.pw_uid, self.run_as.pw_gid)
+        try:
+            self._run(pg_bin("initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth-local=trust",
+                      "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-instructions")
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def _write_hba(self) -> None:
+        (self.data / "pg_hba.conf").write_text(HBA)
+
+    def _set_password(self, password: str) -> None:
+        proc = self._run(pg_bin("postgres"), "--single", "-D", str(self.data), "postgres", check=False,
+                         input=f"ALTER ROLE {SUPERUSER} PASSWORD '{password}';\n")
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise CnnsqlError(f"the private cluster at {self.data} is half-made and cannot be repaired: "
+                              f"{detail[-1] if detail else 'exit ' + str(proc.returncode)}",
+                              f"delete {self.root} and run `cnnsql db start` again (its set-up never finished)")
+
+    def _stop_half_made(self) -> None:
+        if self._run(pg_bin("pg_ctl"), "-D", str(self.data), "status", check=False).returncode == 0:
+            self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-m", "fast", "stop", check=False)
+
+    def _configure_port(self, port: int, password: str | None = None) -> None:
+        """Listen on 127.0.0.1:port (appended settings win over earlier ones); pgpass and port file follow."""
         conf = "\n".join(f"{k} = {v}" for k, v in SETTINGS.items())
         conf += f"\nunix_socket_directories = '{self.socket_dir}'\nport = {port}\n"
         with open(self.data / "postgresql.conf", "a") as f:
             f.write("\n# cnnsql private cluster\n" + conf)
-        (self.data / "pg_hba.conf").write_text(
-            "# socket: directory mode 0700, owner only. TCP: loopback only, password in pgpass (0600).\n"
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
-        self.port_file.write_text(str(port))
-        password = secrets.token_urlsafe(24)
-        self._run(pg_bin("postgres"), "--single", "-D", str(self.data), "postgres",
-                  input=f"ALTER ROLE {SUPERUSER} PASSWORD '{password}';\n")
+        password = password or self.pgpass.read_text().splitlines()[0].rsplit(":", 1)[1]
         fd = os.open(self.pgpass, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"127.0.0.1:{port}:*:{SUPERUSER}:{password}\nlocalhost:{port}:*:{SUPERUSER}:{password}\n")
+        self.port_file.write_text(str(port))
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def _clear_stale_pid(self) -> None:
+        """A postmaster.pid whose PID is now another program's: pg_ctl would call the cluster running."""
+        pid = self._postmaster_pid()
+        if pid is None:
+            return
+        try:
+            proc = psutil.Process(pid)
+            ours = proc.name() == "postgres" and str(self.data) in proc.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            ours = False
+        if not ours:
+            (self.data / "postmaster.pid").unlink(missing_ok=True)
+            print(f"cnnsql: removed a stale postmaster.pid (PID {pid} is not this cluster's server)",
+                  file=sys.stderr)
 
     def status(self) -> bool:
-        if not self.initialized:
+        if not self.exists:
             return False
+        self._clear_stale_pid()
         return self._run(pg_bin("pg_ctl"), "-D", str(self.data), "status", check=False).returncode == 0
 
     def start(self) -> None:
         self.init()
         if self.status():
             return
+        wanted = os.environ.get("CNNSQL_PG_PORT")
+        if wanted and _valid_port(wanted, "CNNSQL_PG_PORT") != self.port:
+            self._configure_port(self._choose_port())
         self._own(self.socket_dir, 0o700)
         if not self.logfile.exists():
             self.logfile.touch(mode=0o600)
         if self.run_as is not None:
             os.chown(self.logfile, self.run_as.pw_uid, self.run_as.pw_gid)
+        offset = self.logfile.stat().st_size
         proc = self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60",
                          "start", check=False)
         if proc.returncode != 0 and not self.status():
-            tail = self.logfile.read_text(errors="replace").strip().splitlines()[-1:] if self.logfile.exists() else []
-            raise CnnsqlError(f"private PostgreSQL did not start: {tail[0] if tail else proc.stderr.strip()}",
-                              f"see {self.logfile}")
+            raise CnnsqlError(f"private PostgreSQL did not start: {self._log_cause(offset) or proc.stderr.strip()}",
+                              self._start_hint(offset))
         self._wait_ready()
+
+    def _new_log_lines(self, offset: int) -> list[str]:
+        try:
+            with open(self.logfile, "rb") as f:
+                f.seek(offset)
+                text = f.read(1 << 20).decode(errors="replace")
+        except OSError:
+            return []
+        return [re.sub(r"^\S+ \S+ \S+ \[\d+\] ", "", l).strip() for l in text.splitlines() if l.strip()]
+
+    def _log_cause(self, offset: int) -> str:
+        """The server log line that names the cause, not the last one ('database system is shut down')."""
+        lines = self._new_log_lines(offset)
+        for key in ("could not bind", "FATAL", "PANIC", "ERROR"):
+            for line in lines:
+                if key in line:
+                    return line
+        return lines[-1] if lines else ""
+
+    def _start_hint(self, offset: int) -> str:
+        if any("could not bind" in l or "Address already in use" in l for l in self._new_log_lines(offset)):
+            return f"port {self.port} is taken by another program: set CNNSQL_PG_PORT to a free port"
+        return f"see {self.logfile}"
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

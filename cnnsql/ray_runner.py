@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from psycopg2 import sql
 
-from . import db, evadb_function, results
+from . import db, evadb_function, ray_local, results
 from .engines import engine_class
 from .errors import CnnsqlError
 from .monitor import ResourceMonitor
@@ -97,49 +97,58 @@ def check_complete(conn, table: str, run_id: int, n: int) -> None:
                           "the run is marked failed; rerun it")
 
 
-def worker_env(target: db.Target) -> dict:
-    env = {"OMP_NUM_THREADS": "1"}
-    if target.private:
-        env["PGPASSFILE"] = str(db.private_cluster().pgpass)
-    return env
+def worker_env(target: db.Target, private_dir: Path | None) -> dict:
+    return {"OMP_NUM_THREADS": "1", **ray_local.worker_secrets(target, private_dir)}
+
+
+def actor_args(engine: str, weights_ref, threads: int, target: db.Target, env: dict) -> tuple:
+    """ShardWorker's arguments. They are pickled into Ray's GCS: no password in them (see ray_local)."""
+    return engine, weights_ref, threads, ray_local.worker_dsn(target), env
 
 
 def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> list[dict]:
     from .evadb_session import quiet
 
     quiet()
-    import ray
-
+    from .engines import ENGINES
     from .weights import load_weights
 
+    unknown = [e for e in cfg.engines if e not in ENGINES]
+    if unknown:
+        raise CnnsqlError(f"unknown engine {unknown[0]!r}", f"choose from: {', '.join(ENGINES)}")
     target = db.resolve()
     conn = db.connect(target)
     db.ensure_schema(conn)
     ensure_table(conn, table)
     info = results.dataset_info(conn)
     n_avail = info.get("test", {}).get("n_rows") or 0
+    if not n_avail:
+        conn.close()
+        raise CnnsqlError("the database holds no test images for the Ray workers", "run `cnnsql load` first")
     weights_path = Path(cfg.weights or evadb_function.default_weights()).absolute()
     weights = load_weights(weights_path)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(num_cpus=max(max(workers_list), os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    res = ray.cluster_resources()
-    cluster = (f"{'ray ' + address if address else 'local ray'}: {len(ray.nodes())} node(s), "
-               f"{int(res.get('CPU', 0))} CPUs")
-    session = results.new_session_id()
-    weights_ref = ray.put(weights)
-    Actor = ray.remote(max_restarts=3, max_task_retries=3)(ShardWorker)
+    private_dir = ray_local.init(address, num_cpus=max(max(workers_list), os.cpu_count() or 1))
+    import ray
+
     rows = []
     try:
+        env = worker_env(target, private_dir)
+        res = ray.cluster_resources()
+        cluster = (f"{'ray ' + address if address else 'local ray'}: {len(ray.nodes())} node(s), "
+                   f"{int(res.get('CPU', 0))} CPUs")
+        session = results.new_session_id()
+        version = results.dataset_version(conn)
+        weights_ref = ray.put(weights)
+        Actor = ray.remote(max_restarts=3, max_task_retries=3)(ShardWorker)
         for engine in cfg.engines:
             n = cfg.n_images(engine, n_avail)
             for workers in workers_list:
-                rows.append(_run_one(cfg, conn, session, Actor, weights_ref, target, engine, workers, n, table,
-                                     cluster, str(weights_path), info["test"]["kind"]))
+                rows.append(_run_one(cfg, conn, session, Actor, weights_ref, (target, env), engine, workers, n,
+                                     table, cluster, str(weights_path), info["test"]["kind"], version))
     finally:
         ray.shutdown()
+        ray_local.cleanup(private_dir)
         conn.close()
     for r in rows:
         print(f"ray {r['engine']:<11} workers {r['workers']}: {r['n']} images in {r['wall_s']:.2f} s "
@@ -148,7 +157,8 @@ def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> li
     return rows
 
 
-def _run_one(cfg, conn, session, Actor, weights_ref, target, engine, workers, n, table, cluster, weights, kind):
+def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, table, cluster, weights, kind,
+             version):
     import ray
     from ray.util import ActorPool
 
@@ -162,7 +172,7 @@ def _run_one(cfg, conn, session, Actor, weights_ref, target, engine, workers, n,
         query="SELECT id, img FROM cifar_image WHERE split = 'test' AND id >= %s AND id < %s ORDER BY id")
     actors = []
     try:
-        actors = [Actor.options(num_cpus=threads).remote(engine, weights_ref, threads, target.dsn, worker_env(target))
+        actors = [Actor.options(num_cpus=threads).remote(*actor_args(engine, weights_ref, threads, *where))
                   for _ in range(workers)]
         ray.get([a.warmup.remote() for a in actors])
         if cfg.progress:
@@ -177,6 +187,7 @@ def _run_one(cfg, conn, session, Actor, weights_ref, target, engine, workers, n,
                                                shards))
                 walls.append(time.perf_counter() - t0)
         check_complete(conn, table, run_id, n)
+        results.check_dataset(conn, version, f"Ray run {run_id}")
         wall = statistics.median(walls)
         res = {"wall_s": wall, "images_per_s": n / wall, "latency_ms": 1000 * wall / n, **mon.summary(),
                "detail": {"shards": len(shards), "workers_seen": sorted({d["worker"] for d in done})}}

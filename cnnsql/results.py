@@ -9,6 +9,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import db, envinfo
+from .errors import CnnsqlError
 
 RUN_FIELDS = ("kind", "scenario", "engine", "query", "split", "n_rows", "batch_size", "threads", "device",
               "warmup", "repetitions", "workers", "cluster", "dataset_kind", "weights", "detail")
@@ -44,6 +45,9 @@ def finish_run(conn, run_id: int, results: dict, repetitions: list[float] = (), 
     unknown = set(results) - set(RESULT_FIELDS)
     if unknown:
         raise ValueError(f"unknown result fields {unknown}")
+    if not (results.get("images_per_s") or 1) > 0 or not (results.get("wall_s") or 1) > 0:
+        raise CnnsqlError(f"run {run_id}: refusing to log {results.get('images_per_s')} images/s over "
+                          f"{results.get('wall_s')} s", "check --limit and --repetitions")
     cols = list(results)
     sets = sql.SQL("").join(sql.SQL("{} = %s, ").format(sql.Identifier(c)) for c in cols)
     with conn.cursor() as cur:
@@ -80,3 +84,19 @@ def dataset_info(conn) -> dict:
         rows = cur.fetchall()
     conn.rollback()
     return {r[0]: {"kind": r[1], "source": r[2], "n_rows": r[3], "md5": r[4]} for r in rows}
+
+
+def dataset_version(conn) -> tuple:
+    """What identifies the loaded dataset: every load rewrites these rows (loaded_at included)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT split, kind, md5::text, n_rows, loaded_at FROM cifar_dataset ORDER BY split")
+        rows = tuple(cur.fetchall())
+    conn.rollback()
+    return rows
+
+
+def check_dataset(conn, version: tuple, what: str) -> None:
+    """Refuse to log a run whose data was replaced while it ran (a concurrent `cnnsql load`)."""
+    if dataset_version(conn) != version:
+        raise CnnsqlError(f"{what}: the dataset was reloaded while the run was going, so its figures would mix "
+                          "two datasets; the run is marked failed", "rerun it when no `cnnsql load` is running")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,23 @@ def validate_arrays(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.
     return out
 
 
+MAX_WEIGHTS_BYTES = 256 << 20   # the float64 file is 52 MB; float32 26 MB
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_DEPTH = 16
+NPY_HEADER_BYTES = 1 << 16       # an .npy header is 128 bytes or so
+
+
 def validate_manifest(manifest: dict, source: str) -> None:
+    """Types of the fields cnnsql uses, so a wrong one is a clear error and never a wrong class name."""
+    for key in ("architecture", "preprocessing", "framework"):
+        if key in manifest and not isinstance(manifest[key], str):
+            raise CnnsqlError(f"weights {source}: manifest field {key!r} is a {type(manifest[key]).__name__}, "
+                              "expected a string", "fix or delete the manifest")
+    names = manifest.get("class_names")
+    if names is not None and not (isinstance(names, list) and len(names) == NUM_CLASSES
+                                  and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names)):
+        raise CnnsqlError(f"weights {source}: manifest class_names must be a list of {NUM_CLASSES} short strings",
+                          "fix or delete the manifest")
     arch = manifest.get("architecture")
     if arch is not None and arch != ARCHITECTURE:
         raise CnnsqlError(
@@ -96,23 +113,96 @@ def load_weights(path: str | Path) -> Weights:
             f"weights file {path} not found",
             "train one with `cnnsql train --out PATH` or pass --weights",
         )
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            raw = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise CnnsqlError(f"weights file {path} is corrupt or not an .npz: {exc}", "re-train or re-copy it") from None
-    arrays = validate_arrays(raw, str(path))
-    manifest: dict = {}
+    arrays = validate_arrays(_read_npz(path), str(path))
     mpath = manifest_path(path)
-    if mpath.is_file():
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (ValueError, OSError) as exc:
-            raise CnnsqlError(f"weights manifest {mpath} is not valid JSON: {exc}", "fix or delete it") from None
-        if not isinstance(manifest, dict):
-            raise CnnsqlError(f"weights manifest {mpath} must be a JSON object")
-        validate_manifest(manifest, str(mpath))
+    manifest = _read_manifest(mpath) if mpath.is_file() else {}
+    validate_manifest(manifest, str(mpath))
     return Weights(arrays, manifest, path)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Only the known arrays, each after its header shows the expected shape and a float dtype:
+    a hostile file cannot make cnnsql allocate more than the model's size."""
+    if path.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise CnnsqlError(f"weights file {path} is {path.stat().st_size:,} bytes, more than a cnnsql model "
+                          f"({MAX_WEIGHTS_BYTES:,} at most)", "re-train or re-copy it")
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {i.filename: i for i in z.infolist()}
+            for name, shape in SHAPES.items():
+                info = members.get(name + ".npy")
+                if info is None:
+                    continue  # validate_arrays names what is missing
+                limit = int(np.prod(shape)) * 8 + NPY_HEADER_BYTES
+                if info.file_size > limit:
+                    raise CnnsqlError(f"weights {path}: {name} is {info.file_size:,} bytes, expected at most "
+                                      f"{limit:,} for shape {shape}", "re-train or re-copy it")
+                with z.open(info) as f:
+                    out[name] = _read_npy(f, name, shape, str(path))
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as exc:
+        raise CnnsqlError(f"weights file {path} is corrupt or not an .npz: {exc}", "re-train or re-copy it") from None
+    return out
+
+
+def _read_npy(f, name: str, shape: tuple[int, ...], source: str) -> np.ndarray:
+    version = np.lib.format.read_magic(f)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise CnnsqlError(f"weights {source}: {name} has .npy format {version}", "re-train or re-copy it")
+    got, fortran, dtype = read_header[version](f, max_header_size=NPY_HEADER_BYTES)
+    if tuple(got) != shape:
+        raise CnnsqlError(f"weights {source}: {name} has shape {tuple(got)}, expected {shape}",
+                          "kernels are (out, in, h, w) and dense weights (out, in); see README 'Weights file'")
+    if dtype.kind != "f" or dtype.itemsize > 8:
+        raise CnnsqlError(f"weights {source}: {name} has dtype {dtype}, expected float")
+    data = f.read(int(np.prod(shape)) * dtype.itemsize)
+    arr = np.frombuffer(data, dtype=dtype)
+    if arr.size != int(np.prod(shape)):
+        raise CnnsqlError(f"weights {source}: {name} is truncated", "re-train or re-copy it")
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def _read_manifest(mpath: Path) -> dict:
+    """A JSON object of bounded size and depth; anything else is one clear line."""
+    try:
+        size = mpath.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CnnsqlError(f"weights manifest {mpath} is {size:,} bytes (at most {MAX_MANIFEST_BYTES:,})",
+                              "fix or delete it")
+        text = mpath.read_text()
+        if _depth(text) > MAX_MANIFEST_DEPTH:
+            raise CnnsqlError(f"weights manifest {mpath} is nested deeper than {MAX_MANIFEST_DEPTH} levels",
+                              "fix or delete it")
+        manifest = json.loads(text)
+    except (ValueError, OSError, RecursionError) as exc:
+        raise CnnsqlError(f"weights manifest {mpath} is not valid JSON: {str(exc)[:200]}", "fix or delete it") from None
+    if not isinstance(manifest, dict):
+        raise CnnsqlError(f"weights manifest {mpath} must be a JSON object, not a {type(manifest).__name__}",
+                          "fix or delete it")
+    return manifest
+
+
+def _depth(text: str) -> int:
+    """Deepest bracket nesting outside strings (checked before json.loads, which recurses)."""
+    depth = deepest = 0
+    in_str = escape = False
+    for ch in text:
+        if in_str:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def save_weights(path: str | Path, arrays: dict[str, np.ndarray], manifest: dict) -> Weights:

@@ -67,10 +67,13 @@ def test_truncated_archive(loaded, conn, real_cifar, synthetic_dir, tmp_path):
 
 def test_wrong_checksum(loaded, conn, synthetic_dir):
     before = snapshot(conn)
-    # synthetic files are well-formed batches but not the official ones
+    # synthetic files are well-formed batches but not the official ones: refused by size, before reading
     assert_clean_failure(run_cli("load", "--quiet", "--source", str(synthetic_dir[0]), check=False),
-                         "checksum mismatch", "data_batch_1")
+                         "bytes, expected", "not the official CIFAR-10")
     assert snapshot(conn) == before
+    directory, md5 = synthetic_dir  # the right sizes but other contents: refused by checksum
+    with pytest.raises(CnnsqlError, match="checksum mismatch for data_batch_1"):
+        cifar.read_dataset(directory, expected_md5={**md5, "data_batch_1": "0" * 32})
 
 
 def test_unexpected_member_name(loaded, conn, tmp_path):
