@@ -48,17 +48,20 @@ def test_sql_output_that_differs_from_raw_fails_the_run(loaded, conn, good_weigh
     watcher.autocommit = True
     running, deadline = None, time.monotonic() + 300
     while running is None and time.monotonic() < deadline and proc.poll() is None:
-        with watcher.cursor() as cur:  # the fetch-only phase reads cifar_test; the SQL phase reads the head
+        with watcher.cursor() as cur:  # the fetch-only phase reads the view; the SQL phase its binary twin
             cur.execute("SELECT run_id, session_id FROM bench_run WHERE status = 'running' AND kind = 'sql' "
                         "AND scenario = 'fetch-only' AND started_at > now() - interval '5 minutes'")
             running = cur.fetchone()
         time.sleep(0.02)
     assert running, "the benchmark finished too early"
-    with watcher.cursor() as cur:  # the SQL path now sees each image's neighbour: its answers are wrong
-        cur.execute("CREATE OR REPLACE VIEW cifar_test_head AS SELECT t.id, t.label, u.img FROM cifar_test t "
-                    "JOIN cifar_test u ON u.id = (t.id + 1) % 1000 WHERE t.id < 1000")
-    watcher.close()
-    out, err = proc.communicate(timeout=600)
+    with watcher.cursor() as cur:  # the SQL path (the view's binary twin) now sees each image's neighbour
+        cur.execute("CREATE OR REPLACE VIEW cnnsql_bytes.cifar_test_bytes AS SELECT t.id, t.label, u.img "
+                    "FROM cifar_image_test t JOIN cifar_image_test u ON u.id = (t.id + 1) % 1000 WHERE t.id < 1000")
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        db.ensure_schema(watcher)  # the twin as it was
+        watcher.close()
     assert proc.returncode == 1, (out, err[-2000:])
     assert "SQL output differs from the raw engine's" in err and "Traceback" not in err, err[-2000:]
     rows = failed_runs(conn, running[1])
