@@ -31,7 +31,7 @@ def one_line(proc, *needles: str) -> str:
 
 @pytest.mark.parametrize("args, needle", [
     (["--repetitions", "0"], "--repetitions: must be at least 1, got 0"),
-    (["--velox-sample", "0"], "--velox-sample: must be at least 1, got 0"),
+    (["--sample", "0"], "--sample/--velox-sample: must be at least 1, got 0"),
     (["--limit", "-5"], "--limit: must be at least 1, got -5"),
     (["--warmup", "-1"], "--warmup: must be at least 0, got -1"),
     (["--threads", "two"], "--threads: expected an integer, got 'two'"),
