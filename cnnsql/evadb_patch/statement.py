@@ -39,7 +39,6 @@ STOCK_EXECUTE_STATEMENT = command_handler.execute_statement
 _AGGREGATES = {ExpressionType.AGGREGATION_COUNT: "count", ExpressionType.AGGREGATION_SUM: "sum",
                ExpressionType.AGGREGATION_AVG: "avg", ExpressionType.AGGREGATION_MIN: "min",
                ExpressionType.AGGREGATION_MAX: "max"}
-_PANDAS = {"count": "count", "sum": "sum", "avg": "mean", "min": "min", "max": "max"}
 
 
 def _walk(expr):
