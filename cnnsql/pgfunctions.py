@@ -164,6 +164,34 @@ def _probe(cur, weights: Path) -> dict:
     return cur.fetchone()[0]
 
 
+SEARCH_PATH_SETTING = "search_path=public"
+
+
+def _role_setting(cur) -> tuple[bool, str | None]:
+    """Whether a role named like the schema exists, and its search_path setting in this database."""
+    cur.execute("SELECT (SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+                "WHERE s.setrole = r.oid AND d.datname = current_database()) FROM pg_roles r WHERE r.rolname = %s",
+                (SCHEMA,))
+    row = cur.fetchone()
+    if row is None:
+        return False, None
+    return True, next((c for c in (row[0] or []) if c.startswith("search_path=")), None)
+
+
+def pin_search_path(cur) -> bool:
+    """A role named `cnnsql` (the private cluster's superuser) has "$user" = schema cnnsql first in its
+    default search_path: once the schema exists, its unqualified CREATE TABLEs would land there and
+    hide the tables in public. Pin that role's search_path to public in this database, unless it
+    already has one of its own. Returns True when it was set."""
+    exists, current = _role_setting(cur)
+    if not exists or current is not None:
+        return False
+    cur.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path = public").format(
+        sql.Identifier(SCHEMA), sql.Identifier(cur.connection.info.dbname)))
+    cur.execute("SET LOCAL search_path = public")
+    return True
+
+
 def install(target: db.Target, engines: list[str], weights: Path, threads: int | None) -> dict:
     """Create the schema, type and functions in one transaction; returns the server probe's facts."""
     from .weights import load_weights
@@ -178,6 +206,7 @@ def install(target: db.Target, engines: list[str], weights: Path, threads: int |
         with conn.cursor() as cur:
             cur.execute("CREATE EXTENSION IF NOT EXISTS plpython3u")
             cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+            pin_search_path(cur)
             cur.execute(TYPE_SQL)
             info = _probe(cur, weights)
             check_probe(info)
@@ -242,6 +271,9 @@ def remove(target: db.Target) -> bool:
                 cur.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.runtime_info()").format(sql.Identifier(SCHEMA)))
                 cur.execute(sql.SQL("DROP TYPE IF EXISTS {}.prediction").format(sql.Identifier(SCHEMA)))
                 cur.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(SCHEMA)))
+                if _role_setting(cur)[1] == SEARCH_PATH_SETTING:
+                    cur.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET search_path").format(
+                        sql.Identifier(SCHEMA), sql.Identifier(conn.info.dbname)))
             conn.commit()
         except psycopg2.errors.DependentObjectsStillExist as exc:
             raise CnnsqlError(f"cannot remove schema {SCHEMA}: {str(exc).splitlines()[0]}",
