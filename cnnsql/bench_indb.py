@@ -76,9 +76,14 @@ class InDatabase:
             labels = np.array([rows[i][1] for i in order])
             probs = np.array([rows[i][2] for i in order], dtype=np.float32)
             diff = float(np.abs(probs - raw_probs[:n]).max())
+            same = float((labels == raw_probs[:n].argmax(1)).mean())
+            if same < 1.0 or not diff <= PROB_TOLERANCE:  # e.g. reinstalled with other weights meanwhile
+                raise CnnsqlError(f"{name}: inside PostgreSQL the top-1 matches the raw engine on {same:.4f} of "
+                                  f"the images, probabilities differ by up to {diff:.2e}",
+                                  "check `cnnsql db functions status` (weights) and rerun")
             return {"accuracy": float((labels == bench.labels[:n]).mean()),
                     "detail": {"placement": "in PostgreSQL (PL/Python)",
-                               "matches_raw": float((labels == raw_probs[:n].argmax(1)).mean()),
+                               "matches_raw": same,
                                "max_prob_diff_vs_raw": diff, "prob_tolerance": PROB_TOLERANCE,
                                **self._backend(conn)}}
 

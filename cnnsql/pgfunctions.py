@@ -204,6 +204,7 @@ def install(target: db.Target, engines: list[str], weights: Path, threads: int |
     with db.connection(target) as conn:
         check_can_install(server_facts(conn))
         with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('cnnsql.functions'))")  # concurrent installs queue
             cur.execute("CREATE EXTENSION IF NOT EXISTS plpython3u")
             cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
             pin_search_path(cur)

@@ -26,18 +26,39 @@ MAX_BATCH_IMAGES = 16384
 _ENGINES: dict[tuple, object] = {}
 
 
+class OtherEngineLoaded(Exception):
+    """This backend already runs another engine (see `engine`)."""
+
+
 def engine(name: str, weights: str, threads: int | None):
-    """The backend's engine for (name, weights file as it is now, threads): loaded once."""
+    """The backend's engine for (name, weights file as it is now, threads): loaded once.
+
+    One engine per backend: with PyTorch loaded and running in a backend, importing TensorFlow
+    into it crashed the server process (SIGSEGV inside TensorFlow's native import, measured here;
+    the postmaster then restarts every connection). The same sequence works in a plain Python 3.11
+    process. So a second engine is refused with an error naming the fix: another connection.
+    """
     path = Path(weights)
     key = (name, str(path), path.stat().st_mtime_ns, threads)
     if key not in _ENGINES:
         from .engines import get_engine
         from .weights import load_weights
 
-        for old in [k for k in _ENGINES if k[0] == name]:  # the file changed: drop the stale engine
-            del _ENGINES[old]
+        others = sorted({k[0] for k in _ENGINES if k[0] != name})
+        if others:
+            raise OtherEngineLoaded(f"this connection's server process already runs the {others[0]} engine; "
+                                    f"a second framework ({name}) in one backend can crash the server: use "
+                                    f"another connection for {name}")
+        _ENGINES.clear()  # the same engine with a changed weights file: drop the stale one
         _ENGINES[key] = get_engine(name, load_weights(path), threads=threads)
     return _ENGINES[key]
+
+
+def _engine_or_error(plpy, function: str, name: str, weights: str, threads: int | None):
+    try:
+        return engine(name, weights, threads)
+    except OtherEngineLoaded as exc:
+        plpy.error(f"{function}: {exc}")
 
 
 def class_names(eng) -> tuple[str, ...]:
@@ -59,7 +80,7 @@ def classify_one(plpy, function: str, name: str, weights: str, threads: int | No
     if problem:
         plpy.warning(f"{function}: {problem}: NULL prediction")
         return None
-    eng = engine(name, weights, threads)
+    eng = _engine_or_error(plpy, function, name, weights, threads)
     probs = eng.predict(np.frombuffer(img, dtype=np.uint8).reshape(1, 3, 32, 32), 1)[0]
     k = int(probs.argmax())
     return k, class_names(eng)[k], float(probs[k]), probs.tolist()
@@ -81,7 +102,7 @@ def classify_many(plpy, function: str, name: str, weights: str, threads: int | N
     good = [i for i, p in enumerate(problems) if p is None]
     rows: list[tuple] = [(i, None, None, None, None) for i in ids]
     if good:
-        eng = engine(name, weights, threads)
+        eng = _engine_or_error(plpy, function, name, weights, threads)
         batch = np.frombuffer(b"".join(imgs[i] for i in good), dtype=np.uint8).reshape(-1, 3, 32, 32)
         probs = eng.predict(batch)
         top = probs.argmax(axis=1)
