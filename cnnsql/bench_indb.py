@@ -11,6 +11,7 @@ CPU% and RSS are sampled on that backend process, not on the client.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import psycopg2
@@ -45,7 +46,7 @@ class InDatabase:
                       f"{bench.cfg.threads} threads per backend")
         except CnnsqlError as exc:
             self.skipped = str(exc)
-            bench.say(f"[in PostgreSQL] skipped: {exc}")
+            print(f"cnnsql bench: in-PostgreSQL placement skipped: {exc}", file=sys.stderr, flush=True)
 
     def run(self, name: str, n: int, single_calls: int, raw_probs: np.ndarray) -> dict:
         if self.skipped:

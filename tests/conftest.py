@@ -83,6 +83,7 @@ def random_weights_file(tmp_path_factory):
     from cnnsql import weights as W
 
     path = tmp_path_factory.mktemp("w") / "random.npz"
+    os.chmod(path.parent, 0o755)  # as root the server runs as 'postgres': the in-database functions read it
     W.save_weights(path, W.random_weights(3).arrays, {"trained_by": "random", "seed": 3})
     return path
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ HOSTILE = 'x"; DROP TABLE bench_run; --'
 @pytest.fixture(scope="module")
 def good_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("good") / "w.npz"
+    os.chmod(path.parent, 0o755)  # readable by the server's user: the benchmark's in-database placement
     W.save_weights(path, W.random_weights(2).arrays, {"trained_by": "random"})
     return path
 
