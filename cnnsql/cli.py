@@ -25,6 +25,9 @@ def cmd_db(args) -> int:
         from .pgfunctions import functions_command
 
         return functions_command(args)
+    if args.what:
+        raise CnnsqlError(f"`cnnsql db {args.action}` takes no {args.what!r}", "did you mean `cnnsql db functions "
+                          f"{args.what}`?")
     cluster = db.private_cluster()
     external = config.external_dsn() is not None
     if args.action == "url":

@@ -196,11 +196,11 @@ def install(target: db.Target, engines: list[str], weights: Path, threads: int |
     """Create the schema, type and functions in one transaction; returns the server probe's facts."""
     from .weights import load_weights
 
-    weights = weights.absolute()
-    load_weights(weights)  # refuse a bad file before the server reads it
     for e in engines:
         if e not in ENGINES:
             raise CnnsqlError(f"unknown engine {e!r}", f"choose from: {', '.join(ENGINES)}")
+    weights = weights.absolute()
+    load_weights(weights)  # refuse a bad file before the server reads it
     with db.connection(target) as conn:
         check_can_install(server_facts(conn))
         with conn.cursor() as cur:

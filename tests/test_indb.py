@@ -13,7 +13,7 @@ from cnnsql import weights as W
 from cnnsql.errors import CnnsqlError
 from conftest import REPO, run_cli
 
-pytestmark = pytest.mark.usefixtures("need_plpython")
+pytestmark = pytest.mark.usefixtures("need_plpython")  # each test: skip without PL/Python
 ENGINES = ("torch", "tensorflow", "velox")
 
 
@@ -229,3 +229,14 @@ def test_remove_leaves_the_data_and_can_be_redone(installed):
         assert cur.fetchone()[0] == 0  # the pinned search_path went with the schema
     run_cli("db", "functions", "install", "--weights", str(installed), "--engines", "torch")
     assert run_cli("db", "functions", "status").returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("db", "functions"), "`cnnsql db functions` needs an action (use install, remove or status)"),
+    (("db", "stop", "install"), "did you mean `cnnsql db functions install`?"),
+    (("db", "functions", "install", "--engines", "nosuch"), "unknown engine 'nosuch'"),
+])
+def test_command_mistakes_give_one_clear_line(loaded, args, message):
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 1 and message in proc.stderr
+    assert proc.stderr.startswith("cnnsql: error: ") and len(proc.stderr.strip().splitlines()) == 1
