@@ -75,26 +75,31 @@ def bench_engine(target, name: str, weights: Path, threads: int, rounds: int, si
     if same < 1.0 or diff > 1e-5:
         raise SystemExit(f"{name}: in-database results differ from the raw engine (top-1 {same}, max diff {diff})")
     raw_s, indb_s = [], []
-    for _ in range(rounds):
+    for _ in range(rounds):  # raw, then in the database: the same load for both
         t = time.perf_counter(); eng.predict(images, batch); raw_s.append(time.perf_counter() - t)
         t = time.perf_counter(); indb(); indb_s.append(time.perf_counter() - t)
-    one_py = []
+    one_py, one_raw = [], []
     with conn.cursor() as cur:
-        for i in range(single):
+        for i in range(single):  # alternating: a one-image query, then the raw engine on one image
+            k = (7 * i) % n
             t = time.perf_counter()
-            cur.execute(ONE_QUERY.format(fn=fn, k=(7 * i) % n))
+            cur.execute(ONE_QUERY.format(fn=fn, k=k))
             cur.fetchall()
             one_py.append(1000 * (time.perf_counter() - t))
+            t = time.perf_counter()
+            eng.predict(images[k:k + 1], 1)
+            one_raw.append(1000 * (time.perf_counter() - t))
         cur.execute("SELECT cnnsql.runtime_info()")
         info = cur.fetchone()[0]
     conn.close()
     one_psql = psql_single(target.url(), fn, n, single)
-    raw_m, indb_m = statistics.median(raw_s), statistics.median(indb_s)
+    raw_m, indb_m = (statistics.median(raw_s), statistics.median(indb_s)) if rounds else (float("nan"),) * 2
     return {"engine": name, "images": n, "batch": batch, "threads": threads, "rounds": rounds,
             "raw_images_per_s": n / raw_m, "indb_images_per_s": n / indb_m, "indb_over_raw_speed": raw_m / indb_m,
             "raw_s": raw_s, "indb_s": indb_s, "top1_equal": same, "max_prob_diff": diff,
             "psql_one_image_ms": {"p50": pct(one_psql, 50), "p99": pct(one_psql, 99), "n": single},
             "psycopg2_one_image_ms": {"p50": pct(one_py, 50), "p99": pct(one_py, 99), "n": single},
+            "raw_one_image_ms": {"p50": pct(one_raw, 50), "p99": pct(one_raw, 99), "n": single},
             "backend_vmrss_mb": info.get("vmrss_mb"), "backend_vmhwm_mb": info.get("vmhwm_mb")}
 
 
@@ -103,7 +108,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, required=True)
     ap.add_argument("--engines", default="torch")
     ap.add_argument("--images", type=int, default=10000)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating offline rounds (0: one-image part only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--single", type=int, default=200)
     args = ap.parse_args()
@@ -120,7 +125,8 @@ def main() -> None:
               f"({100 * r['indb_over_raw_speed']:.0f}% of raw; medians of {r['rounds']} alternating rounds, "
               f"{r['images']} images, batch {r['batch']}, {r['threads']} threads); one image from psql p50 "
               f"{r['psql_one_image_ms']['p50']:.2f} ms p99 {r['psql_one_image_ms']['p99']:.2f} ms, psycopg2 p50 "
-              f"{r['psycopg2_one_image_ms']['p50']:.2f} ms; backend RSS {r['backend_vmrss_mb']} MB "
+              f"{r['psycopg2_one_image_ms']['p50']:.2f} ms (raw engine, one image, alternating with those: p50 "
+              f"{r['raw_one_image_ms']['p50']:.2f} ms); backend RSS {r['backend_vmrss_mb']} MB "
               f"(peak {r['backend_vmhwm_mb']} MB); top-1 equal {r['top1_equal']}, max prob diff {r['max_prob_diff']:.1e}")
 
 
