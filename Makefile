@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench-sql db-start db-stop shell report clean
+.PHONY: setup test bench-sql db-start db-stop shell report clean plpython
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
+
+# PL/Python 3 for PostgreSQL 15 (Debian), used by `cnnsql db functions install`. Needs root.
+plpython:
+	@test -f /usr/share/postgresql/15/extension/plpython3u.control || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-plpython3-15; }
 
 test: setup
 	$(BIN)/python -m pytest -q tests

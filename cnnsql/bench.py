@@ -18,6 +18,7 @@ import pandas as pd
 from . import data, db, evadb_function, evadb_session, loader, results
 from .engines import ENGINES, engine_class
 from .errors import CnnsqlError
+from .bench_indb import InDatabase
 from .monitor import ResourceMonitor
 
 QUERY_DIR = db.SQL_DIR / "queries"
@@ -107,8 +108,10 @@ class Bench:
 
     # --- measurement ----------------------------------------------------------------------
 
-    def phase(self, spec: dict, call, reps: int, warmup: int, n_images: int, evaluate=None, warm=None) -> dict:
-        """Warm up (`warm`, default `call`), time `reps` calls under a resource monitor, log one run."""
+    def phase(self, spec: dict, call, reps: int, warmup: int, n_images: int, evaluate=None, warm=None,
+              monitor_pid: int | None = None) -> dict:
+        """Warm up (`warm`, default `call`), time `reps` calls under a resource monitor (of this process,
+        or of `monitor_pid` and its children), log one run. Returns its results."""
         spec = {"split": "test", "threads": self.cfg.threads, "dataset_kind": self.dataset_kind,
                 "weights": str(self.weights), "warmup": warmup, "repetitions": reps, "n_rows": n_images, **spec}
         run_id = results.start_run(self.conn, self.session, **spec)
@@ -116,7 +119,7 @@ class Bench:
             for _ in range(warmup):
                 (warm or call)()
             walls, out = [], None
-            with ResourceMonitor() as mon:
+            with ResourceMonitor(pid=monitor_pid) as mon:
                 for _ in range(reps):
                     t0 = time.perf_counter()
                     out = call()
@@ -209,7 +212,8 @@ class Bench:
         return {"engine": name, "n": n, "raw_ips": raw["images_per_s"], "sql_ips": sq["images_per_s"],
                 "overhead": sq["wall_s"] / raw["wall_s"], "accuracy": sq["accuracy"],
                 "p50_ms": single["p50_ms"], "p99_ms": single["p99_ms"], "sql_p50_ms": single_sql["p50_ms"],
-                "cpu_pct": sq["cpu_pct"], "rss_mb": sq["peak_rss_mb"], "gpu_pct": sq["gpu_pct"]}
+                "cpu_pct": sq["cpu_pct"], "rss_mb": sq["peak_rss_mb"], "gpu_pct": sq["gpu_pct"],
+                **self.indb.run(name, n, k, raw_probs)}
 
     def bench_fetch(self) -> None:
         query = query_text("fetch_only")
@@ -237,6 +241,7 @@ class Bench:
     def run(self) -> list[dict]:
         self.prepare()
         self.say(f"session {self.session}: engines {', '.join(self.cfg.engines)}, weights {self.weights}")
+        self.indb = InDatabase(self)
         self.bench_fetch()
         for name in self.cfg.engines:
             self.rows.append(self.bench_engine(name))
@@ -246,15 +251,21 @@ class Bench:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'engine':<11}{'images':>7}{'raw img/s':>11}{'SQL img/s':>11}{'SQL/raw':>9}{'accuracy':>10}"
-            f"{'agree':>8}{'p50 ms':>9}{'p99 ms':>9}{'SQL 1-img ms':>14}{'CPU%':>7}{'RSS MB':>8}")
+            f"{'agree':>8}{'p50 ms':>9}{'p99 ms':>9}{'SQL 1-img ms':>14}{'CPU%':>7}{'RSS MB':>8}"
+            f"{'PG img/s':>10}{'PG 1-img ms':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
         fractions = [a["fraction"] for a in r.get("agreement", {}).values()]
         agree = f"{min(fractions):.3f}" if fractions else "-"
         lines.append(f"{r['engine']:<11}{r['n']:>7}{r['raw_ips']:>11.1f}{r['sql_ips']:>11.1f}{r['overhead']:>9.3f}"
                      f"{r['accuracy']:>10.4f}{agree:>8}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-                     f"{r['sql_p50_ms']:>14.1f}{(r['cpu_pct'] or 0):>7.0f}{(r['rss_mb'] or 0):>8.0f}")
+                     f"{r['sql_p50_ms']:>14.1f}{(r['cpu_pct'] or 0):>7.0f}{(r['rss_mb'] or 0):>8.0f}"
+                     f"{_opt(r.get('indb_ips'), 10, 1)}{_opt(r.get('indb_p50_ms'), 13, 2)}")
     return "\n".join(lines)
+
+
+def _opt(value, width: int, digits: int) -> str:
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
 
 def run_bench(cfg: BenchConfig) -> list[dict]:
@@ -269,6 +280,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     print(format_table(rows))
     print(f"(session {bench.session}; medians of {cfg.repetitions} timed runs after {cfg.warmup} warm-up; "
           f"{cfg.threads} threads; agree = lowest top-1 agreement with another engine's SQL output; "
-          "all runs are in table bench_run)")
+          "PG = inside PostgreSQL (cnnsql db functions): whole split through the batched function, and p50 "
+          "of one-image queries; all runs are in table bench_run)")
     return rows
 

@@ -21,6 +21,13 @@ def _positive(value: str) -> int:
 def cmd_db(args) -> int:
     from . import db
 
+    if args.action == "functions":
+        from .pgfunctions import functions_command
+
+        return functions_command(args)
+    if args.what:
+        raise CnnsqlError(f"`cnnsql db {args.action}` takes no {args.what!r}", "did you mean `cnnsql db functions "
+                          f"{args.what}`?")
     cluster = db.private_cluster()
     external = config.external_dsn() is not None
     if args.action == "url":
@@ -86,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("db", help="the private PostgreSQL cluster (or the external one in CNNSQL_DSN)")
-    d.add_argument("action", choices=["start", "stop", "status", "url"],
-                   help="start/stop the private cluster; status; url prints a DSN for psql")
+    d.add_argument("action", choices=["start", "stop", "status", "url", "functions"],
+                   help="start/stop the private cluster; status; url prints a DSN for psql; "
+                        "functions install|remove|status: the CNN as SQL functions inside PostgreSQL")
+    from .pgfunctions import register as register_functions
+
+    register_functions(d)
     d.set_defaults(func=cmd_db)
 
     ld = sub.add_parser("load", help="load CIFAR-10 (or --synthetic N) into PostgreSQL")

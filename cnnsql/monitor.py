@@ -13,13 +13,13 @@ class ResourceMonitor:
     """Context manager. CPU% is for this process and its children (100% = one core busy);
     peak RSS is the largest sampled sum; GPU% is nvidia-smi's utilization.gpu averaged."""
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.1, pid: int | None = None):
         self.interval = interval
         self.cpu: list[float] = []
         self.rss: list[float] = []
         self.gpu: list[float] = []
         self._stop = threading.Event()
-        self._proc = psutil.Process()
+        self._proc = psutil.Process(pid)  # pid: another process to watch (a PostgreSQL backend)
         self._smi = None
 
     def _tree(self):

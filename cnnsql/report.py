@@ -20,6 +20,8 @@ STUDY = {  # the seed study's claims
     "cpu_pct": {"tensorflow": 51, "torch": 32},
     "gpu_pct": {"tensorflow": 38, "torch": 10},
 }
+# Where inference ran (bench_run.kind), as figure 1's panels.
+PLACEMENTS = {"sql": "EvaDB SQL query", "raw": "raw engine, no SQL", "indb": "inside PostgreSQL (PL/Python)"}
 COLORS = {"torch": "#ee4c2c", "tensorflow": "#ff8f00", "velox": "#1f77b4", "none": "#7f7f7f"}
 
 
@@ -62,9 +64,10 @@ def _bar_labels(ax, bars, texts):
 
 def fig_time(runs: pd.DataFrame, out: Path) -> Path:
     plt = _plt()
-    off = runs[(runs.kind.isin(["sql", "raw"])) & (runs.scenario == "offline")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, kind in zip(axes, ["sql", "raw"]):
+    off = runs[(runs.kind.isin(list(PLACEMENTS))) & (runs.scenario == "offline")]
+    kinds = [k for k in PLACEMENTS if k != "indb" or (off.kind == "indb").any()]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4))
+    for ax, kind in zip(axes, kinds):
         d = off[off.kind == kind]
         bars = ax.bar(d.engine, d.latency_ms, color=[COLORS.get(e) for e in d.engine])
         _bar_labels(ax, bars, [f"{w:.2f} s / {n} img\n(median of {int(r)})" for w, n, r in zip(d.wall_s, d.n_rows, d.repetitions)])
@@ -72,7 +75,7 @@ def fig_time(runs: pd.DataFrame, out: Path) -> Path:
         if len(d):
             ax.set_ylim(top=d.latency_ms.max() * 20)  # room for the labels above the tallest bar
         ax.set_ylabel("milliseconds per image (log)")
-        ax.set_title(f"{'EvaDB SQL query' if kind == 'sql' else 'raw engine, no SQL'}: time per image")
+        ax.set_title(f"{PLACEMENTS[kind]}: time per image")
     fig.suptitle("Figure 1: inference time per engine (offline scenario, test split)")
     fig.tight_layout()
     return _save(fig, out / "fig1_time_per_engine.png")
@@ -223,6 +226,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def placement_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per engine and placement: offline images/s and single-stream p50/p99 (ms), from one session."""
+    d = runs[runs.kind.isin(list(PLACEMENTS)) & runs.scenario.isin(["offline", "single-stream"])]
+    off = d[d.scenario == "offline"].set_index(["engine", "kind"])
+    one = d[d.scenario == "single-stream"].set_index(["engine", "kind"])
+    rows = [{"engine": e, "placement": PLACEMENTS[k], "images": off.loc[(e, k), "n_rows"],
+             "offline images/s": off.loc[(e, k), "images_per_s"],
+             "1-image p50 ms": one.loc[(e, k), "p50_ms"] if (e, k) in one.index else None,
+             "1-image p99 ms": one.loc[(e, k), "p99_ms"] if (e, k) in one.index else None}
+            for e, k in off.index]
+    return pd.DataFrame(rows)
+
+
 def claims(runs: pd.DataFrame) -> list[str]:
     sqlr = runs[(runs.kind == "sql") & (runs.scenario == "offline")].set_index("engine")
     lines = []
@@ -268,6 +284,10 @@ def write_report(out: Path, session: str | None = None) -> Path:
             "<h2>The study's claims</h2><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in claims(current)) + "</ul>",
             "<h2>Runs</h2>", current[cols].round(4).to_html(index=False, na_rep="")]
     page += ["<h2>SQL overhead</h2>", overhead.round(4).to_html(index=False, na_rep="")]
+    page += ["<h2>Where inference runs</h2><p>raw: in the benchmark's process; EvaDB: the SQL query through "
+             "EvaDB; inside PostgreSQL: the cnnsql.&lt;Engine&gt;CNN PL/Python functions (batched form for the "
+             "offline figure, one-image queries through psycopg2 for the latency).</p>",
+             placement_table(current).round(2).to_html(index=False, na_rep="")]
     for f in figs:
         page.append(f"<h3>{html.escape(f.stem)}</h3><img src='{f.name}' style='max-width:100%'>")
     page.append("</body></html>")

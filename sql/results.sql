@@ -6,7 +6,8 @@ CREATE TABLE IF NOT EXISTS bench_run (
     run_id       bigserial PRIMARY KEY,
     session_id   text NOT NULL,                 -- one `cnnsql bench` invocation
     status       text NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'complete', 'failed')),
-    kind         text NOT NULL CHECK (kind IN ('sql', 'raw', 'train', 'ray')),
+    kind         text NOT NULL CHECK (kind IN ('sql', 'raw', 'train', 'ray', 'indb')),  -- where inference ran:
+                                                -- raw: benchmark process; sql: through EvaDB; indb: inside PostgreSQL
     scenario     text NOT NULL,                 -- offline | single-stream | train
     engine       text NOT NULL,
     query        text,                          -- the SQL text (kind sql/ray)
@@ -41,6 +42,15 @@ CREATE TABLE IF NOT EXISTS bench_run (
     finished_at  timestamptz
 );
 CREATE INDEX IF NOT EXISTS bench_run_session ON bench_run (session_id);
+-- Databases made before the 'indb' placement existed: widen the kind check once.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'bench_run'::regclass AND contype = 'c'
+                 AND pg_get_constraintdef(oid) LIKE '%kind%indb%') THEN
+    ALTER TABLE bench_run DROP CONSTRAINT IF EXISTS bench_run_kind_check;
+    ALTER TABLE bench_run ADD CONSTRAINT bench_run_kind_check
+      CHECK (kind IN ('sql', 'raw', 'train', 'ray', 'indb'));
+  END IF;
+END $$;
 
 -- One row per timed repetition of a run.
 CREATE TABLE IF NOT EXISTS bench_repetition (

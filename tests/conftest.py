@@ -83,6 +83,7 @@ def random_weights_file(tmp_path_factory):
     from cnnsql import weights as W
 
     path = tmp_path_factory.mktemp("w") / "random.npz"
+    os.chmod(path.parent, 0o755)  # as root the server runs as 'postgres': the in-database functions read it
     W.save_weights(path, W.random_weights(3).arrays, {"trained_by": "random", "seed": 3})
     return path
 
@@ -93,3 +94,24 @@ def bench_session(loaded, random_weights_file):
     return run_cli("bench", "--engines", ENGINES, "--weights", str(random_weights_file), "--limit", "300",
                    "--sample", "4", "--repetitions", "2", "--warmup", "1", "--batch-sizes", "16,64",
                    "--single-stream", "5", "--sql-single-stream", "1", "--quiet", timeout=1200)
+
+
+@pytest.fixture(scope="session")
+def plpython(target) -> bool:
+    """Whether the server has PL/Python (cnnsql db functions). CI sets CNNSQL_REQUIRE_PLPYTHON=1
+    after installing it, so there a missing package fails the tests instead of skipping them."""
+    from cnnsql import db
+
+    with db.connection(target) as c, c.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'plpython3u'")
+        available = cur.fetchone() is not None
+    if not available and os.environ.get("CNNSQL_REQUIRE_PLPYTHON") == "1":
+        pytest.fail("CNNSQL_REQUIRE_PLPYTHON=1 but the server has no plpython3u (apt-get install postgresql-plpython3-15)")
+    return available
+
+
+@pytest.fixture()
+def need_plpython(plpython):
+    if not plpython:
+        pytest.skip("PostgreSQL has no PL/Python (plpython3u): apt-get install postgresql-plpython3-15 "
+                    "(as root; .ci/run does it)")
