@@ -257,3 +257,18 @@ def test_cnn_functions_read_bytes_and_selected_images_stay_base64(session, pg):
     out = evadb_session.run(session, "SELECT id, img, TorchCNN(img).label FROM pg.cifar_test WHERE id < 3;")
     assert '"cnnsql_bytes"' not in handler.STATS["queries"][-1]  # img itself is selected: the text view
     assert out["img"].tolist() == psql_frame(pg, "SELECT img FROM cifar_test WHERE id < 3 ORDER BY id")["img"].tolist()
+
+
+def test_a_reused_connection_the_server_ended_is_not_used(session, pg):
+    from cnnsql import evadb_session
+    from cnnsql.evadb_patch import handler
+
+    evadb_session.run(session, "SELECT id FROM pg.cifar_test WHERE id < 2;")
+    with pg.cursor() as cur:  # end every idle backend of this database but ours, as a restart would
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND state = 'idle' AND application_name NOT LIKE 'pg_%'")
+        assert cur.fetchone()[0] >= 1
+    time.sleep(0.5)
+    out = evadb_session.run(session, "SELECT id FROM pg.cifar_test WHERE id < 2;")
+    assert sorted(out["id"]) == [0, 1]
+    assert handler.STATS["connects"] > 0

@@ -9,6 +9,7 @@ EvaDB looks the handler class up on its module at every call, so replacing it ta
 """
 from __future__ import annotations
 
+import select
 import threading
 
 import pandas as pd
@@ -38,7 +39,7 @@ class StreamingPostgresHandler(STOCK_HANDLER):
         idle = _pool().get(self._key()) or []
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.status == psycopg2.extensions.STATUS_READY:
+            if _usable(conn):
                 self.connection = conn
                 STATS["reused"] += 1
                 return DBHandlerStatus(status=True)
@@ -126,6 +127,17 @@ class StreamingPostgresHandler(STOCK_HANDLER):
 
     def is_sqlalchmey_compatible(self) -> bool:
         return False  # rows come as dicts already (native_storage_engine.read asks this)
+
+
+def _usable(conn) -> bool:
+    """An idle connection with nothing to read: a server that ended it (restart, terminate) has sent
+    EOF or an error, which makes the socket readable. Checked without a round trip."""
+    if conn.closed or conn.status != psycopg2.extensions.STATUS_READY:
+        return False
+    if select.select([conn.fileno()], [], [], 0)[0]:
+        conn.close()
+        return False
+    return True
 
 
 def close_idle() -> None:
