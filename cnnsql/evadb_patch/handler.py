@@ -9,6 +9,8 @@ EvaDB looks the handler class up on its module at every call, so replacing it ta
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import select
 import threading
 
@@ -23,6 +25,27 @@ STOCK_HANDLER = pg_module.PostgresHandler
 FIRST_CHUNK, MAX_CHUNK = 64, 2048
 STATS = {"streams": 0, "binary": 0, "rows": 0, "chunks": 0, "connects": 0, "reused": 0, "queries": []}
 BINARY_SCHEMA = "cnnsql_bytes"  # sql/schema.sql
+COLUMNS_QUERY = """
+    SELECT a.attname,
+           CASE WHEN t.typnamespace = 'pg_catalog'::regnamespace THEN format_type(a.atttypid, NULL)
+                ELSE 'USER-DEFINED' END,
+           t.typname
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attrelid = to_regclass(quote_ident(%s)) AND a.attnum > 0 AND NOT a.attisdropped
+    ORDER BY a.attnum"""
+_columns_memo: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cnnsql_columns", default=None)
+
+
+@contextlib.contextmanager
+def one_statement():
+    """Within one statement, a table's columns are asked once (EvaDB's binder asks twice)."""
+    token = _columns_memo.set({})
+    try:
+        yield
+    finally:
+        _columns_memo.reset(token)
+
+
 _twins: dict[tuple, psql.Composable | None] = {}
 _idle = threading.local()  # per thread: connection key -> idle connections
 
@@ -103,20 +126,25 @@ class StreamingPostgresHandler(STOCK_HANDLER):
             conn.autocommit = True
 
     def get_columns(self, table_name: str) -> DBHandlerResponse:
-        """Stock builds this query by string formatting and reads every schema: a parameter, and
-        only the schemas on the search path (the relation `SELECT ... FROM table` would read)."""
+        """Stock asks information_schema (about 35 ms of planning per call on the loaded 2-core
+        machine, twice per query) by string formatting, in every schema. This asks pg_catalog (under
+        1 ms) with a parameter, for the relation `SELECT ... FROM table` reads (the search path), with
+        information_schema's type names, once per statement (see statement.py)."""
         if not self.connection:
             return DBHandlerResponse(data=None, error="Not connected to the database.")
-        query = ("SELECT column_name AS name, data_type AS dtype, udt_name FROM information_schema.columns "
-                 "WHERE table_name = %s AND table_schema = (SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
-                 "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(quote_ident(%s))) ORDER BY ordinal_position")
+        memo = _columns_memo.get()
+        key = (*self._key(), table_name)
+        if memo is not None and key in memo:
+            return DBHandlerResponse(data=memo[key].copy())
         try:
             with self.connection.cursor() as cursor:
-                cursor.execute(query, (table_name, table_name))
+                cursor.execute(COLUMNS_QUERY, (table_name,))
                 frame = pd.DataFrame(cursor.fetchall(), columns=["name", "dtype", "udt_name"])
         except psycopg2.Error as exc:
             return DBHandlerResponse(data=None, error=str(exc).strip())
         frame["dtype"] = [self._pg_to_python_types(d, u) for d, u in zip(frame["dtype"], frame["udt_name"])]
+        if memo is not None:
+            memo[key] = frame.copy()
         return DBHandlerResponse(data=frame)
 
     def select(self, table_name: str) -> DBHandlerResponse:

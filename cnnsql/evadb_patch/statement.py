@@ -33,6 +33,7 @@ from evadb.server import command_handler
 
 from ..errors import CnnsqlError
 from ..evadb_session import UDF_DIR
+from . import handler
 from .pushdown import ScanHints, scan_hints, split_predicate
 
 STOCK_EXECUTE_STATEMENT = command_handler.execute_statement
@@ -90,6 +91,11 @@ def _is_cnn_function(expr) -> bool:
 def execute_statement(evadb, stmt, do_not_raise_exceptions: bool = False, do_not_print_exceptions: bool = False,
                       **kwargs):
     """`command_handler.execute_statement` with the aggregate path and scan hints."""
+    with handler.one_statement():
+        return _execute(evadb, stmt, do_not_raise_exceptions, do_not_print_exceptions, **kwargs)
+
+
+def _execute(evadb, stmt, do_not_raise_exceptions, do_not_print_exceptions, **kwargs):
     if isinstance(stmt, SelectStatement) and is_aggregate(stmt):
         return run_aggregate(evadb, stmt, do_not_raise_exceptions, do_not_print_exceptions, **kwargs)
     plan_generator = kwargs.get("plan_generator", PlanGenerator(evadb))
