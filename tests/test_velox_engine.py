@@ -155,3 +155,13 @@ def test_tensorflow_loaded_first(mode, expected):
 def test_velox_is_cpu_only():
     with pytest.raises(CnnsqlError, match="cannot run on device 'cuda'"):
         get_engine("velox", random_weights(0), device="cuda")
+
+
+def test_bench_sizes_come_from_the_engine_class():
+    from cnnsql.bench import BenchConfig
+
+    assert BenchConfig().n_images("velox", 10_000) == 1000 and BenchConfig().n_images("torch", 10_000) == 10_000
+    assert BenchConfig(sample=4, limit=300).n_images("velox", 10_000) == 4
+    assert BenchConfig(sample=4, limit=300).n_images("torch", 10_000) == 300
+    assert BenchConfig(full=True, limit=300).n_images("velox", 10_000) == 10_000
+    assert BenchConfig().n_images("velox", 500) == 500
