@@ -56,12 +56,13 @@ def old_engine_class(ref: str):
     """VeloxEngine from cnnsql/engines/velox_engine.py at git `ref`, imported beside the package."""
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:cnnsql/engines/velox_engine.py"],
                             capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="cnnsql-velox-old-")) / "velox_engine_old.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("cnnsql.engines._velox_engine_old", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="cnnsql-velox-old-") as folder:
+        path = Path(folder) / "velox_engine_old.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("cnnsql.engines._velox_engine_old", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
     return module.VeloxEngine
 
 

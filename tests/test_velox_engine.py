@@ -121,6 +121,20 @@ def test_scratch_files_are_private_never_rewritten_and_removed(weights):
     assert not os.path.exists(folder)
 
 
+def test_folders_of_dead_processes_are_removed_live_ones_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(velox_runtime.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"cnnsql-velox-{int(dead.stdout)}-abcd1234-x"
+    live = tmp_path / f"cnnsql-velox-{os.getppid()}-abcd1234-y"
+    other = tmp_path / "cnnsql-velox-old-z"
+    for folder in (orphan, live, other):
+        folder.mkdir()
+    folder = velox_runtime.ScratchFolder()
+    assert not orphan.exists() and live.exists() and other.exists() and os.path.isdir(folder.path)
+    folder.remove()
+    assert not os.path.exists(folder.path)
+
+
 IMPORT_ORDER_SCRIPT = """
 import logging, sys
 logging.basicConfig(level=logging.WARNING)
@@ -155,3 +169,13 @@ def test_tensorflow_loaded_first(mode, expected):
 def test_velox_is_cpu_only():
     with pytest.raises(CnnsqlError, match="cannot run on device 'cuda'"):
         get_engine("velox", random_weights(0), device="cuda")
+
+
+def test_bench_sizes_come_from_the_engine_class():
+    from cnnsql.bench import BenchConfig
+
+    assert BenchConfig().n_images("velox", 10_000) == 1000 and BenchConfig().n_images("torch", 10_000) == 10_000
+    assert BenchConfig(sample=4, limit=300).n_images("velox", 10_000) == 4
+    assert BenchConfig(sample=4, limit=300).n_images("torch", 10_000) == 300
+    assert BenchConfig(full=True, limit=300).n_images("velox", 10_000) == 10_000
+    assert BenchConfig().n_images("velox", 500) == 500

@@ -67,9 +67,12 @@ def write_dwrf(batch, path: str):
 
 class ScratchFolder:
     """One private folder per engine for its DWRF files, with a unique name (file handles are cached
-    by path), removed when the engine is closed or garbage-collected, or at interpreter exit."""
+    by path), removed when the engine is closed or garbage-collected, or at interpreter exit. A
+    process that never reaches exit handlers (killed; a PostgreSQL backend) leaves its folder: each
+    new one first removes this user's folders whose process (the pid in the name) is gone."""
 
     def __init__(self, prefix: str = "cnnsql-velox-"):
+        remove_orphans(prefix)
         self.path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, True)
         self._count = 0
@@ -80,6 +83,27 @@ class ScratchFolder:
 
     def remove(self) -> None:
         self._cleanup()
+
+
+def remove_orphans(prefix: str) -> list[str]:
+    """Remove `prefix<pid>-*` folders in the temp directory owned by this user whose pid is not running."""
+    removed = []
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(prefix):].split("-", 1)[0]
+        path = os.path.join(root, name)
+        if not name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            if os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path):
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:  # alive under another user, or vanished meanwhile
+            continue
+    return removed
 
 
 @functools.cache
