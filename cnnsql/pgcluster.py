@@ -232,6 +232,7 @@ class PrivateCluster:
                               f"delete {self.root} and run `cnnsql db start` again (its set-up never finished)")
 
     def _stop_half_made(self) -> None:
+        self._clear_stale_pid()  # else pg_ctl would signal whatever process owns that PID now
         if self._run(pg_bin("pg_ctl"), "-D", str(self.data), "status", check=False).returncode == 0:
             self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-m", "fast", "stop", check=False)
 

@@ -6,8 +6,10 @@ used when present (CNNSQL_TEST_CIFAR overrides), synthetic data otherwise.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,19 +31,24 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
     return proc
 
 
+def traversable_tmpdir(prefix: str) -> Path:
+    """A fresh folder in /tmp that the 'postgres' user can traverse (as root the cluster runs as it).
+    Not under pytest's /tmp/pytest-of-<user>: any other pytest session of the same user chmods that
+    back to 0700, which locked the server's user out of a running suite's cluster (measured)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, 0o711)
+    return path
+
+
 @pytest.fixture(scope="session")
-def cnnsql_home(tmp_path_factory):
-    # /tmp-based and world-traversable: as root the cluster runs as the 'postgres' user.
-    home = tmp_path_factory.mktemp("home")
-    for p in [home, *home.parents]:
-        if str(p) == "/":
-            break
-        os.chmod(p, os.stat(p).st_mode | 0o011)
-    os.environ["CNNSQL_HOME"] = str(home / "state")
+def cnnsql_home():
+    base = traversable_tmpdir("cnnsql-test-")
+    os.environ["CNNSQL_HOME"] = str(base / "state")
     yield Path(os.environ["CNNSQL_HOME"])
     from cnnsql import db
 
     db.private_cluster().stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

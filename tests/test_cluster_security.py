@@ -3,6 +3,7 @@ failures are one useful line. Each test uses its own cluster home (the session's
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -11,18 +12,15 @@ import psycopg2
 import pytest
 
 from cnnsql.pgcluster import PrivateCluster, pg_bin
-from conftest import run_cli
+from conftest import run_cli, traversable_tmpdir
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cl")
-    for p in [base, *base.parents]:  # as root the server runs as 'postgres': it must traverse these
-        if str(p) == "/":
-            break
-        os.chmod(p, os.stat(p).st_mode | 0o011)
+def home():
+    base = traversable_tmpdir("cnnsql-cl-")  # as root the server runs as 'postgres': it must traverse it
     yield base / "state"
     PrivateCluster(base / "state").stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def cli(home: Path, *args: str, **env):
@@ -101,7 +99,7 @@ def test_stale_postmaster_pid_of_another_process_is_cleared(home):
         other.wait()
 
 
-def test_a_fresh_cluster_never_trusts_tcp(tmp_path_factory, home):
+def test_a_fresh_cluster_never_trusts_tcp(home):
     fresh = home.parent / "fresh"
     proc = cli(fresh, "db", "start")
     try:

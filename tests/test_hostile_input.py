@@ -1,12 +1,13 @@
 """Hostile archives, weights and manifests: refused in one line, with memory bounded.
 
 Each archive is built small and fast (a few MB on disk) but claims gigabytes; `cnnsql load` runs as
-a child process whose own peak RSS (os.wait4) must stay far below what the claimed sizes would cost.
+a child process whose own peak RSS (VmHWM) must stay far below what the claimed sizes would cost.
 """
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -23,26 +24,31 @@ from cnnsql.errors import CnnsqlError
 from conftest import REPO
 
 GIB = 1 << 30
-RSS_LIMIT_MB = 400  # the CLI's own baseline (numpy, psycopg2, tqdm) is about 60-70 MB
+RSS_LIMIT_MB = 400  # the CLI alone (numpy, psycopg2, tqdm imported) peaks at about 43 MB
 
 
-# A small wrapper process starts the command and reports its peak RSS: a child forked straight from
-# this test process would count the pages it shared with it before exec (pytest here holds torch,
-# TensorFlow and EvaDB: about 1.9 GB), not what the command itself used.
-_MEASURE = """
-import os, subprocess, sys
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
-_, status, usage = os.wait4(proc.pid, 0)
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+# The CLI in a fresh interpreter that reports its own VmHWM (peak RSS of this process image). Not
+# os.wait4's ru_maxrss: that keeps the high-water mark of the forked pytest process across exec.
+PEAK_WRAPPER = """
+import sys
+from cnnsql.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    with open('/proc/self/status') as f:
+        kb = next(l.split()[1] for l in f if l.startswith('VmHWM'))
+    print('peak-kb', kb, file=sys.stderr)
+sys.exit(code)
 """
 
 
 def run_measured(source) -> tuple[int, str, float]:
-    """(exit code, stderr, peak RSS MB) of `cnnsql load --source SOURCE`, measured with os.wait4."""
-    args = [sys.executable, "-m", "cnnsql", "load", "--quiet", "--no-download", "--source", str(source)]
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, *args], cwd=REPO, capture_output=True, text=True)
-    code, maxrss_kb = map(int, proc.stdout.split())
-    return code, proc.stderr, maxrss_kb / 1024
+    """(exit code, stderr, peak RSS MB) of `cnnsql load --source SOURCE`."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, "load", "--quiet", "--no-download", "--source",
+                           str(source)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    peak = [l for l in proc.stderr.splitlines() if l.startswith("peak-kb ")]
+    assert peak, proc.stderr
+    return proc.returncode, proc.stderr, int(peak[-1].split()[1]) / 1024
 
 
 def assert_one_line(code: int, err: str, *needles: str) -> None:
