@@ -27,16 +27,31 @@ GIB = 1 << 30
 RSS_LIMIT_MB = 400  # the CLI's own baseline (numpy, psycopg2, tqdm) is about 60-70 MB
 
 
+# The CLI reports its own VmHWM (the high-water mark of its address space since exec) at exit, on
+# a pipe. Not wait4's ru_maxrss: Linux carries the parent's peak into a child at fork/exec, so after
+# tests that load the engines into pytest (1.5 GB) every child "peaked" at 1.5 GB (measured).
+HWM_LAUNCHER = ("import atexit, os, runpy, sys\n"
+                "def hwm():\n"
+                "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+                "    os.write(int(os.environ['HWM_FD']), kb.encode())\n"
+                "atexit.register(hwm)\n"
+                "sys.argv = ['cnnsql'] + sys.argv[1:]\n"
+                "runpy.run_module('cnnsql', run_name='__main__')\n")
+
+
 def run_measured(source) -> tuple[int, str, float]:
-    """(exit code, stderr, peak RSS MB) of `cnnsql load --source SOURCE`, measured with os.wait4."""
-    args = [sys.executable, "-m", "cnnsql", "load", "--quiet", "--no-download", "--source", str(source)]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = b""
-    while chunk := proc.stderr.read(65536):  # drain stderr, then reap with wait4 for the child's rusage
-        err += chunk
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err.decode(), usage.ru_maxrss / 1024
+    """(exit code, stderr, peak RSS MB) of `cnnsql load --source SOURCE`, its own VmHWM at exit."""
+    args = [sys.executable, "-c", HWM_LAUNCHER, "load", "--quiet", "--no-download", "--source", str(source)]
+    r, w = os.pipe()
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(w,),
+                            env={**os.environ, "HWM_FD": str(w)})
+    os.close(w)
+    err = proc.stderr.read()
+    proc.wait()
+    with os.fdopen(r, "rb") as f:
+        kb = f.read()
+    assert kb, f"the CLI did not report its peak RSS: {err[-500:]!r}"
+    return proc.returncode, err.decode(), int(kb) / 1024
 
 
 def assert_one_line(code: int, err: str, *needles: str) -> None:
