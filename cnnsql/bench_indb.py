@@ -59,6 +59,7 @@ class InDatabase:
         bench, cfg = self.bench, self.bench.cfg
         function = pgfunctions.sql_name(name)
         batch = engine_class(name).default_batch_size
+        warm_n = min(n, engine_class(name).bench_warmup_images or n)  # a slow engine warms up on fewer images
         common = {"engine": name, "device": "cpu", "batch_size": batch}
         pid = conn.get_backend_pid() if self.bench.target.private else None
         q = query(OFFLINE, conn, function + "_batch", batch=batch, n=n)
@@ -88,8 +89,9 @@ class InDatabase:
                                "max_prob_diff_vs_raw": diff, "prob_tolerance": PROB_TOLERANCE,
                                **self._backend(conn)}}
 
+        warm = query(OFFLINE, conn, function + "_batch", batch=batch, n=warm_n)
         off = bench.phase({**common, "kind": "indb", "scenario": "offline", "query": q}, lambda: fetch(q),
-                          cfg.repetitions, cfg.warmup, n, evaluate, monitor_pid=pid)
+                          cfg.repetitions, cfg.warmup, n, evaluate, warm=lambda: fetch(warm), monitor_pid=pid)
         q1 = query(SINGLE, conn, function)
         ids = itertools.cycle(range(n))
         bench.say(f"[{name}] in PostgreSQL single-stream: {single_calls} x {q1}")

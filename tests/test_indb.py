@@ -143,6 +143,18 @@ def test_a_second_engine_in_one_backend_is_refused_and_the_server_survives(insta
         c.close()
 
 
+@pytest.mark.parametrize("ids, imgs, message", [
+    ("ARRAY(SELECT generate_series(1, 16385))", "array_fill(NULL::bytea, ARRAY[16385])",
+     "16385 images in one call, at most 16384"),
+    ("ARRAY[1, 2]", "ARRAY[NULL::bytea]", "2 ids but 1 images"),
+])
+def test_batched_form_refuses_oversized_or_mismatched_calls(installed, ids, imgs, message):
+    """Caller mistakes (not bad images) stop the query with the fix, before any image is read."""
+    with fresh() as c, c.cursor() as cur:
+        with pytest.raises(psycopg2.Error, match=message):
+            cur.execute(f"SELECT count(*) FROM cnnsql.TorchCNN_batch({ids}, {imgs})")
+
+
 def test_callers_cannot_choose_the_weights_file(installed):
     with fresh() as c, c.cursor() as cur:
         cur.execute("SELECT p.proname, pg_get_function_identity_arguments(p.oid), p.prosrc FROM pg_proc p "
