@@ -1,4 +1,4 @@
-"""Subcommands of the benchmark layer: bench, report, shell, evadb-setup."""
+"""Subcommands of the benchmark layer: bench, report, shell."""
 from __future__ import annotations
 
 import argparse
