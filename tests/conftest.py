@@ -86,11 +86,26 @@ ENGINES = "torch,tensorflow,velox"
 
 
 @pytest.fixture(scope="session")
-def random_weights_file(tmp_path_factory):
+def server_tmp():
+    """A folder the server's user can read (as root it is 'postgres'): weights files that the in-database
+    functions load. Not under pytest's tmp folder, which another pytest session may make 0700."""
+    base = traversable_tmpdir("cnnsql-srv-")
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def server_subdir(server_tmp: Path, name: str, mode: int = 0o755) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=server_tmp))
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_weights_file(server_tmp):
     from cnnsql import weights as W
 
-    path = tmp_path_factory.mktemp("w") / "random.npz"
-    os.chmod(path.parent, 0o755)  # as root the server runs as 'postgres': the in-database functions read it
+    path = server_subdir(server_tmp, "w") / "random.npz"
     W.save_weights(path, W.random_weights(3).arrays, {"trained_by": "random", "seed": 3})
     return path
 

@@ -11,7 +11,7 @@ import pytest
 from cnnsql import db, pgfunctions
 from cnnsql import weights as W
 from cnnsql.errors import CnnsqlError
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, server_subdir
 
 pytestmark = pytest.mark.usefixtures("need_plpython")  # each test: skip without PL/Python
 ENGINES = ("torch", "tensorflow", "velox")
@@ -24,11 +24,10 @@ def weights_in(directory, seed: int):
 
 
 @pytest.fixture(scope="module")
-def installed(loaded, plpython, tmp_path_factory):
+def installed(loaded, plpython, server_tmp):
     if not plpython:
         pytest.skip("no PL/Python on the server")
-    d = tmp_path_factory.mktemp("indb")
-    os.chmod(d, 0o755)  # as root the server runs as 'postgres', which must read the weights
+    d = server_subdir(server_tmp, "indb")  # as root the server runs as 'postgres', which must read the weights
     path = weights_in(d, 5)
     out = run_cli("db", "functions", "install", "--weights", str(path), "--engines", ",".join(ENGINES))
     for e in ENGINES:
@@ -167,9 +166,8 @@ def test_callers_cannot_choose_the_weights_file(installed):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the server must run as another user than the venv's owner")
-def test_install_refuses_weights_the_server_user_cannot_read_and_changes_nothing(installed, tmp_path_factory):
-    d = tmp_path_factory.mktemp("private")
-    os.chmod(d, 0o700)
+def test_install_refuses_weights_the_server_user_cannot_read_and_changes_nothing(installed, server_tmp):
+    d = server_subdir(server_tmp, "private", 0o700)
     path = weights_in(d, 6)
     proc = run_cli("db", "functions", "install", "--weights", str(path), "--engines", "torch", check=False)
     assert proc.returncode == 1

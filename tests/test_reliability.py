@@ -2,27 +2,24 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-import zipfile
 
 import numpy as np
 import pytest
 
 from cnnsql import db
 from cnnsql import weights as W
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, server_subdir
 from test_bad_input import assert_clean_failure
 
 HOSTILE = 'x"; DROP TABLE bench_run; --'
 
 
 @pytest.fixture(scope="module")
-def good_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("good") / "w.npz"
-    os.chmod(path.parent, 0o755)  # readable by the server's user: the benchmark's in-database placement
+def good_weights(server_tmp):
+    path = server_subdir(server_tmp, "good") / "w.npz"  # readable by the server's user: in-database placement
     W.save_weights(path, W.random_weights(2).arrays, {"trained_by": "random"})
     return path
 
