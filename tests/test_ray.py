@@ -10,24 +10,13 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
-from cnnsql import db
 from cnnsql.engines import get_engine
 from cnnsql.weights import load_weights
 from conftest import REPO, run_cli
 
 N = 1500
 KILL_N = 4000  # enough work that the killed worker cannot have finished its shards
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    from cnnsql import weights as W
-
-    path = tmp_path_factory.mktemp("rw") / "w.npz"
-    W.save_weights(path, W.random_weights(5).arrays, {"trained_by": "random"})
-    return path
 
 
 def predictions(conn, table, run_id):
@@ -38,30 +27,30 @@ def predictions(conn, table, run_id):
     return rows
 
 
-def single_process_labels(conn, weights_file):
+def single_process_labels(conn, random_weights_file):
     from cnnsql import data
 
     _, images, _ = data.fetch_split(conn, "test", limit=N)
-    return get_engine("torch", load_weights(weights_file), threads=2).predict(images).argmax(1)
+    return get_engine("torch", load_weights(random_weights_file), threads=2).predict(images).argmax(1)
 
 
-def test_two_workers_match_single_process(loaded, conn, weights_file):
+def test_two_workers_match_single_process(loaded, conn, random_weights_file):
     out = run_cli("bench", "--cluster", "ray", "--engines", "torch", "--workers", "2", "--limit", str(N),
-                  "--repetitions", "1", "--weights", str(weights_file), "--table", "ray pred; test", "--quiet")
+                  "--repetitions", "1", "--weights", str(random_weights_file), "--table", "ray pred; test", "--quiet")
     run_id = int(out.stdout.split(", run ")[1].split()[0])
     rows = predictions(conn, "ray pred; test", run_id)
     assert [r[0] for r in rows] == list(range(N))
-    assert np.array_equal(np.array([r[1] for r in rows]), single_process_labels(conn, weights_file))
+    assert np.array_equal(np.array([r[1] for r in rows]), single_process_labels(conn, random_weights_file))
     with conn.cursor() as cur:
         cur.execute("SELECT status, workers, kind, cluster FROM bench_run WHERE run_id = %s", (run_id,))
         status, workers, kind, cluster = cur.fetchone()
     assert (status, workers, kind) == ("complete", 2, "ray") and "CPUs" in cluster
 
 
-def test_killed_worker_run_completes_without_duplicates(loaded, conn, weights_file):
+def test_killed_worker_run_completes_without_duplicates(loaded, conn, random_weights_file):
     proc = subprocess.Popen(
         [sys.executable, "-m", "cnnsql", "bench", "--cluster", "ray", "--engines", "torch", "--workers", "2",
-         "--limit", str(KILL_N), "--repetitions", "1", "--weights", str(weights_file)],
+         "--limit", str(KILL_N), "--repetitions", "1", "--weights", str(random_weights_file)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = None
     for line in proc.stderr:

@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -52,22 +51,13 @@ def password_dsn(target) -> tuple[str, str]:
     return " ".join(f"{k}={v}" for k, v in info.items()), password
 
 
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    from cnnsql import weights as W
-
-    path = tmp_path_factory.mktemp("rs") / "w.npz"
-    W.save_weights(path, W.random_weights(7).arrays, {"trained_by": "random"})
-    return path
-
-
-def test_local_ray_listens_on_loopback_only_with_a_private_folder(loaded, target, weights_file):
+def test_local_ray_listens_on_loopback_only_with_a_private_folder(loaded, target, random_weights_file):
     dsn, password = password_dsn(target)
     home = Path(tempfile.mkdtemp(prefix="crs", dir="/tmp"))  # short: Ray's socket paths live under it
     env = {**os.environ, "CNNSQL_HOME": str(home), "CNNSQL_DSN": dsn, "PGPASSFILE": "/nonexistent"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cnnsql", "bench", "--cluster", "ray", "--engines", "torch", "--workers", "2",
-         "--limit", str(N), "--repetitions", "2", "--weights", str(weights_file)],
+         "--limit", str(N), "--repetitions", "2", "--weights", str(random_weights_file)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen, cmdlines = [], []
     for line in proc.stderr:
