@@ -272,3 +272,54 @@ def test_a_reused_connection_the_server_ended_is_not_used(session, pg):
     out = evadb_session.run(session, "SELECT id FROM pg.cifar_test WHERE id < 2;")
     assert sorted(out["id"]) == [0, 1]
     assert handler.STATS["connects"] > 0
+
+
+def test_read_ahead_yields_in_order_and_stops_its_thread_when_the_caller_stops():
+    import threading
+
+    from cnnsql.evadb_patch.handler import read_ahead
+
+    closed = []
+
+    def items():
+        try:
+            yield from range(100)
+        finally:
+            closed.append(threading.current_thread().name)
+
+    assert list(read_ahead(items())) == list(range(100)) and closed
+    closed.clear()
+    stream = read_ahead(items())
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()  # as EvaDB does when a LIMIT is reached
+    assert closed == ["cnnsql-read-ahead"]
+    assert not any(t.name == "cnnsql-read-ahead" for t in threading.enumerate())
+
+
+def test_read_ahead_raises_the_producer_error_in_the_caller():
+    from cnnsql.evadb_patch.handler import read_ahead
+
+    def failing():
+        yield 1
+        raise ValueError("server went away")
+
+    stream = read_ahead(failing())
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="server went away"):
+        next(stream)
+
+
+def test_a_multi_chunk_read_ends_its_transaction_and_returns_the_connection(session, pg):
+    """A whole-split read (several chunks, fetched ahead by a thread) leaves no open transaction
+    behind: the pooled connection is idle, not 'idle in transaction' holding a lock on the table."""
+    from cnnsql import evadb_session
+    from cnnsql.evadb_patch import handler
+
+    before = dict(handler.STATS)
+    out = evadb_session.run(session, "SELECT id, label FROM pg.cifar_test;")
+    assert sorted(out["id"]) == psql_frame(pg, "SELECT id FROM cifar_test ORDER BY id")["id"].tolist()
+    assert handler.STATS["chunks"] - before["chunks"] >= 3
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND state LIKE 'idle in transaction%'")
+        assert cur.fetchone()[0] == 0

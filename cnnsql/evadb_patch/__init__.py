@@ -32,6 +32,7 @@ STOCK_SOURCES = {
     "evadb.catalog.catalog_manager:CatalogManager.insert_function_catalog_entry": "d8c5d5f95d21f544",
     "evadb.catalog.catalog_manager:CatalogManager.delete_function_catalog_entry_by_name": "509ed1e3dd6494d5",
     "evadb.catalog.catalog_manager:CatalogManager.reset": "6fadfdeb4f011942",
+    "evadb.catalog.catalog_manager:CatalogManager.upsert_function_cost_catalog_entry": "e9f1369b25b65929",
     "evadb.binder.statement_binder_context:StatementBinderContext.add_table_alias": "8ce0247ca744e468",
     "evadb.binder.binder_utils:check_data_source_and_table_are_valid": "c0a69c42167867b5",
     "evadb.binder.binder_utils:bind_native_table_info": "6244cd05c015ad80",

@@ -8,12 +8,17 @@
 - Data-source and function entries, function outputs and configuration values are cached in that
   manager and dropped by every call that can change them (the catalog is private to the process:
   see evadb_session). The function lookup alone cost 13 ms of CPU per query under load.
+- A function's measured cost (EvaDB writes it to the SQLite catalog after every query that calls
+  it, an upsert and commit: 8 ms of a one-image query's CPU under load) is written the first time
+  and then at most every COST_WRITE_SECONDS per function; the optimizer reads it only to order
+  predicates, so a cost up to that old changes no answer.
 - Binding a table of a `postgres` source asks PostgreSQL for its columns once per statement
   (handler.py) instead of listing every table twice and then reading the columns.
 """
 from __future__ import annotations
 
 import threading
+import time
 
 from evadb.binder import binder_utils
 from evadb.binder import statement_binder_context as binder_context
@@ -29,7 +34,9 @@ INVALIDATING = ("reset", "insert_database_catalog_entry", "drop_database_catalog
                 "insert_function_catalog_entry", "delete_function_catalog_entry_by_name",
                 "upsert_configuration_catalog_entry")
 _STOCK = {name: getattr(CatalogManager, name) for name in (
-    *MEMOIZED, *INVALIDATING, "get_configuration_catalog_value", "get_function_io_catalog_output_entries")}
+    *MEMOIZED, *INVALIDATING, "get_configuration_catalog_value", "get_function_io_catalog_output_entries",
+    "upsert_function_cost_catalog_entry")}
+COST_WRITE_SECONDS = 30.0
 STOCK_CHECK_SOURCE = binder_context.check_data_source_and_table_are_valid
 
 
@@ -68,6 +75,14 @@ def _get_configuration(self, key, default=None):
         memo[("config", key)] = _STOCK["get_configuration_catalog_value"](self, key, None)
     value = memo[("config", key)]
     return default if value is None else value
+
+
+def _upsert_function_cost(self, function_id, name, cost):
+    written = _memo(self).setdefault(("cost_written",), {})  # cleared with the memo
+    now = time.monotonic()
+    if now - written.get(function_id, -COST_WRITE_SECONDS) >= COST_WRITE_SECONDS:
+        written[function_id] = now
+        _STOCK["upsert_function_cost_catalog_entry"](self, function_id, name, cost)
 
 
 def _invalidating(name: str):
@@ -115,6 +130,7 @@ def install() -> None:
         setattr(CatalogManager, name, _memoized(name))
     CatalogManager.get_configuration_catalog_value = _get_configuration
     CatalogManager.get_function_io_catalog_output_entries = _get_function_outputs
+    CatalogManager.upsert_function_cost_catalog_entry = _upsert_function_cost
     for name in INVALIDATING:
         setattr(CatalogManager, name, _invalidating(name))
     binder_utils.bind_native_table_info = _bind_native_table_info
