@@ -277,7 +277,7 @@ def test_a_reused_connection_the_server_ended_is_not_used(session, pg):
 def test_read_ahead_yields_in_order_and_stops_its_thread_when_the_caller_stops():
     import threading
 
-    from cnnsql.evadb_patch.handler import read_ahead
+    from cnnsql.evadb_patch.transport import read_ahead
 
     closed = []
 
@@ -297,7 +297,7 @@ def test_read_ahead_yields_in_order_and_stops_its_thread_when_the_caller_stops()
 
 
 def test_read_ahead_raises_the_producer_error_in_the_caller():
-    from cnnsql.evadb_patch.handler import read_ahead
+    from cnnsql.evadb_patch.transport import read_ahead
 
     def failing():
         yield 1
@@ -323,3 +323,53 @@ def test_a_multi_chunk_read_ends_its_transaction_and_returns_the_connection(sess
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                     "AND state LIKE 'idle in transaction%'")
         assert cur.fetchone()[0] == 0
+
+
+def test_binary_copy_parser_matches_psycopg2_on_real_copy_data_in_any_pieces(loaded, pg):
+    """Real `COPY ... (FORMAT binary)` bytes from the server (ints, bigint, float8, bool, text, bytea,
+    NULLs), fed to the parser in pieces of 1 to 97 bytes: the same tuples psycopg2 reads as text."""
+    import io
+    import random
+
+    from cnnsql.evadb_patch.transport import BinaryCopyParser
+
+    query = ("SELECT id, label::int2, (id * 1000000000000)::int8, id / 7.0::float8, label > 4, "
+             "CASE WHEN id % 3 = 0 THEN NULL ELSE 'row ' || id || ' é' END, img "
+             "FROM cnnsql_bytes.cifar_test_bytes WHERE id < 40 ORDER BY id")
+    data = io.BytesIO()
+    with pg.cursor() as cur:
+        cur.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT binary)", data)
+        cur.execute(query)
+        expected = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in cur.fetchall()]
+    raw, rng = data.getvalue(), random.Random(0)
+    parser, rows, at = BinaryCopyParser(["int4", "int2", "int8", "float8", "bool", "text", "bytea"]), [], 0
+    while at < len(raw):
+        step = rng.randint(1, 97)
+        rows += parser.feed(raw[at:at + step])
+        at += step
+    assert rows == expected and parser.finished
+
+
+def test_whole_reads_go_by_binary_copy_and_a_stopped_copy_leaves_the_connection_usable(session, target, raw_labels):
+    from cnnsql import db, evadb_session
+    from cnnsql.evadb_patch import handler
+    from cnnsql.evadb_patch.transport import copy_rows
+    from psycopg2 import sql as psql
+
+    before = handler.STATS["copies"]
+    out = evadb_session.run(session, "SELECT id, TorchCNN(img).label FROM pg.cifar_test WHERE id < 60;")
+    assert handler.STATS["copies"] == before + 1 and handler.STATS["queries"][-1].startswith("COPY ")
+    assert dict(zip(out["id"], out["label"])) == dict(enumerate(raw_labels))
+
+    conn = db.connect(target)
+    conn.autocommit = True
+    # 50,000 images (150 MB): the COPY is still running when the caller stops after the first chunk.
+    query = psql.SQL("SELECT id, img FROM cnnsql_bytes.cifar_train_bytes")
+    rows = copy_rows(conn, query, [], ["int4", "bytea"], iter([10] * 10_000))
+    assert len(next(rows)) == 10
+    rows.close()  # the caller stops: the COPY is cancelled on the server
+    assert not conn.closed
+    with conn.cursor() as cur:  # and the connection answers the next statement
+        cur.execute("SELECT count(*) FROM cifar_test WHERE id < 60")
+        assert cur.fetchone()[0] == 60
+    conn.close()

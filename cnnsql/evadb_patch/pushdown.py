@@ -51,6 +51,7 @@ class ScanHints:
     columns: list[str] | None = None
     limit: int | None = None
     binary: bool = False  # img is only a CNN function's argument: read it as bytea
+    whole: bool = False  # the statement has no LIMIT: every row the scan returns is read
 
 
 _hints: contextvars.ContextVar[dict] = contextvars.ContextVar("cnnsql_scan_hints", default={})
@@ -166,7 +167,8 @@ def _scan(entry, table, predicate, hints: ScanHints | None):
         STATS["limits"] = (STATS["limits"] + [limit])[-20:]
     with interface.get_database_handler(entry.engine, **entry.params) as handler:
         with contextlib.closing(handler.stream(table.name, columns, where, params, limit,
-                                                         binary=bool(hints and hints.binary))) as chunks:
+                                                         binary=bool(hints and hints.binary),
+                                                         whole=bool(hints and hints.whole))) as chunks:
             for frame in chunks:
                 yield Batch(frame)
 

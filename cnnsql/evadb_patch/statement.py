@@ -79,7 +79,8 @@ def statement_hints(stmt) -> dict[str, ScanHints]:
         fully_pushed = stmt.where_clause is None or not split_predicate(stmt.where_clause, alias)[1]
         if no_aggregate and fully_pushed:
             limit = int(stmt.limit_count.value)
-    return {table.name: ScanHints(columns=sorted(columns) if columns else None, limit=limit, binary=binary)}
+    return {table.name: ScanHints(columns=sorted(columns) if columns else None, limit=limit, binary=binary,
+                                  whole=stmt.limit_count is None)}
 
 
 def _is_cnn_function(expr) -> bool:
