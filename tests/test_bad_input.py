@@ -11,12 +11,31 @@ import tarfile
 import time
 
 import numpy as np
-import psycopg2
 import pytest
 
 from cnnsql import cifar, db
 from cnnsql.errors import CnnsqlError
 from conftest import REPO, run_cli
+
+
+def load_until_copy_runs(source, timeout: float, text: bool = False):
+    """Start `cnnsql load --source SOURCE` in a child and return (process, True) as soon as
+    PostgreSQL shows its COPY running, or (process, False) when it ended or `timeout` passed first."""
+    proc = subprocess.Popen([sys.executable, "-m", "cnnsql", "load", "--quiet", "--source", str(source)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text)
+    watcher = db.connect()
+    watcher.autocommit = True
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            with watcher.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%%' AND state = 'active'")
+                if cur.fetchone()[0]:
+                    return proc, True
+            time.sleep(0.01)
+        return proc, False
+    finally:
+        watcher.close()
 
 
 def snapshot(conn):
@@ -144,22 +163,10 @@ def test_sigkill_during_copy_leaves_previous_state(loaded, conn, real_cifar):
     if not real_cifar:
         pytest.skip("needs the real archive (a large enough COPY to interrupt)")
     before = snapshot(conn)
-    proc = subprocess.Popen([sys.executable, "-m", "cnnsql", "load", "--quiet", "--source", str(real_cifar)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    watcher = db.connect()
-    watcher.autocommit = True
-    killed = False
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        with watcher.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%%' AND state = 'active'")
-            if cur.fetchone()[0]:
-                proc.send_signal(signal.SIGKILL)
-                killed = True
-                break
-        time.sleep(0.01)
+    proc, killed = load_until_copy_runs(real_cifar, 60)
+    if killed:
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
-    watcher.close()
     assert killed, "the load finished before it could be interrupted"
     time.sleep(0.5)  # the server notices the dead client and rolls back
     assert snapshot(conn) == before

@@ -11,7 +11,7 @@ import pytest
 
 from cnnsql import db
 from conftest import REPO, run_cli
-from test_bad_input import snapshot
+from test_bad_input import load_until_copy_runs, snapshot
 from test_reliability import good_weights, start_bench_and_wait_for_running_run  # noqa: F401 (fixture)
 
 
@@ -108,22 +108,9 @@ def test_server_stopped_during_a_load_names_the_cause(loaded, conn, real_cifar):
         pytest.skip("needs the real archive (a COPY long enough to stop the server under)")
     before = snapshot(conn)
     conn.close()
-    proc = subprocess.Popen([sys.executable, "-m", "cnnsql", "load", "--quiet", "--source", str(real_cifar)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watcher = db.connect()
-    watcher.autocommit = True
-    stopped = False
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        with watcher.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%%' AND state = 'active'")
-            busy = cur.fetchone()[0]
-        if busy:
-            watcher.close()
-            db.private_cluster().stop()
-            stopped = True
-            break
-        time.sleep(0.01)
+    proc, stopped = load_until_copy_runs(real_cifar, 120, text=True)
+    if stopped:
+        db.private_cluster().stop()
     out, err = proc.communicate(timeout=120)
     db.private_cluster().start()
     assert stopped, "the load finished before the server could be stopped"
