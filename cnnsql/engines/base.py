@@ -43,11 +43,12 @@ class Engine(ABC):
     # `cnnsql bench` defaults for slow engines (None: the benchmark's own): test images of the offline
     # phases (a prefix of the test split, so shared with the other engines), images of the raw warm-up
     # call (the SQL warm-up is then the one-image query), images per batch-size point, one-image calls
-    # of the single-stream phase.
+    # of the single-stream phase, timed repetitions of the offline phases.
     bench_sample: ClassVar[int | None] = None
     bench_warmup_images: ClassVar[int | None] = None
     bench_sweep_images: ClassVar[int | None] = None
     bench_single_stream: ClassVar[int | None] = None
+    bench_repetitions: ClassVar[int | None] = None  # timed calls per offline phase unless --repetitions
 
     def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
         if device not in self.devices:
