@@ -20,6 +20,8 @@ import re
 
 import numpy as np
 
+from ..errors import CnnsqlError
+from ..model_spec import STUDY
 from ..weights import Weights
 from . import velox_plan as vp
 from . import velox_runtime
@@ -30,6 +32,14 @@ log = logging.getLogger(__name__)
 # One-row output batches: Velox's default (1,024 rows) would make each project node evaluate many
 # images at once; measured in the prototype (../shared/research/velox) one row per batch was best.
 QUERY_CONFIG = {"preferred_output_batch_rows": "1"}
+
+
+def check_model(spec) -> None:
+    """This plan is hand-written for the study's CNN on 3x32x32 images: refuse any other model."""
+    if spec.input_shape != STUDY.input_shape or spec.layers != STUDY.layers:
+        raise CnnsqlError(f"the Velox engine runs only the study's CNN on 3x32x32 images, not model {spec.name!r} "
+                          f"({spec.architecture()}, input {'x'.join(map(str, spec.input_shape))})",
+                          "use --engine torch or tensorflow for this model")
 
 
 class VeloxEngine(Engine):
@@ -49,6 +59,7 @@ class VeloxEngine(Engine):
 
     def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
         super().__init__(weights, device=device, threads=threads)
+        check_model(self.spec)
         self._v = v = velox_runtime.load()
         self._arrays = arrays = vp.weight_arrays(weights)
         self._fc2 = v.va.to_velox(vp.fc2_batch(v.pa, arrays))
