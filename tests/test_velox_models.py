@@ -55,11 +55,43 @@ def test_study_cnn_keeps_its_own_plan():
 
 
 def test_batchnorm_and_relu_fold_into_the_layer_before():
-    """VGG: conv-bn-relu becomes one conv step with folded weights and a fused ReLU."""
-    ops = velox_layers.build_ops(M.builtin("vgg"), W.random_weights(1, M.builtin("vgg")).arrays)
+    """VGG: conv-bn-relu becomes one conv step with folded weights and a fused ReLU; with Winograd
+    on, conv-bn-relu-maxpool becomes one Winograd step."""
+    arrays = W.random_weights(1, M.builtin("vgg")).arrays
+    ops = velox_layers.build_ops(M.builtin("vgg"), arrays, winograd=False)
     kinds = [op.kind for op in ops]
     assert kinds == ["input", "conv2d", "conv2d", "maxpool", "conv2d", "conv2d", "maxpool", "dense", "dense", "softmax"]
     assert "greatest" in ops[1].projections[-1][0]
+    kinds = [op.kind for op in velox_layers.build_ops(M.builtin("vgg"), arrays, winograd=True)]
+    assert kinds == ["input", "conv2d", "winograd", "conv2d", "winograd", "dense", "dense", "softmax"]
+
+
+@pytest.mark.parametrize("drivers", [1, 2])
+def test_winograd_form_agrees_with_the_reference(drivers):
+    """The generated Winograd F(4,3) conv + max-pool (off by default: slower than the direct form
+    on these channel counts) on VGG with 'same' padding and folded batch-norm."""
+    from cnnsql.engines.velox_engine import VeloxEngine
+
+    spec = M.builtin("vgg", (2, 16, 8), 5)
+    weights = W.random_weights(3, spec)
+    x = np.random.default_rng(4).integers(0, 256, (7, *spec.input_shape), dtype=np.uint8)
+    ref = W.reference_forward(weights, x)
+    engine = type("WinogradVelox", (VeloxEngine,), {"WINOGRAD": True})(weights, threads=drivers)
+    try:
+        assert any(op.kind == "winograd" for op in engine._ops)
+        probs = engine.predict(x)
+        assert np.array_equal(probs.argmax(1), ref.argmax(1)) and np.abs(probs - ref).max() < 1e-4
+    finally:
+        engine.close()
+
+
+def test_profile_of_a_generated_plan():
+    engine = get_engine("velox", W.random_weights(0, M.builtin("lenet5", (1, 28, 28), 4)), threads=1)
+    try:
+        prof = engine.profile(np.zeros((2, 1, 28, 28), np.uint8))
+        assert sum(prof.values()) > 0
+    finally:
+        engine.close()
 
 
 def test_long_index_arrays_are_built_from_chunks():

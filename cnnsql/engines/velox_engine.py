@@ -62,6 +62,11 @@ class VeloxEngine(Engine):
                                  # instead of 9 x 1,000 keeps `make bench-sql` inside 15 minutes (VELOX.md)
     TICKETS = 16                 # image splits: batch rows go to ticket rid % TICKETS
     FC1_BLOCKS = 8               # fc1 weight blocks of 64 neurons (the fc1 pipeline's splits)
+    # Generated plans (models other than the study's): 3x3 conv + 2x2 max-pool as Winograd F(4,3)?
+    # Off: on the VGG built-in (32 and 64 channels, 16-64 tiles per map) it ran at 0.55-0.78x the
+    # direct form's images/s (4 interleaved pairs, 4 images, load 15; VELOX.md). The study's plan
+    # keeps its own Winograd conv2 (64 x 64 channels, 49 tiles).
+    WINOGRAD = False
 
     def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
         super().__init__(weights, device=device, threads=threads)
@@ -74,7 +79,7 @@ class VeloxEngine(Engine):
             tickets = [vp.ticket_batch(v.pa, arrays, slot) for slot in range(self.TICKETS)]
             blocks = vp.fc1_block_batches(v.pa, arrays, self.FC1_BLOCKS)
         else:   # any other model: one generated step per layer, all weights on the ticket row
-            self._ops = vl.build_ops(self.spec, weights.arrays)
+            self._ops = vl.build_ops(self.spec, weights.arrays, self.WINOGRAD)
             tickets = [vl.ticket_batch(v.pa, self._ops, slot) for slot in range(self.TICKETS)]
             blocks = []
         self.fallback = velox_runtime.dwrf_writer_works()
@@ -137,8 +142,12 @@ class VeloxEngine(Engine):
 
     def profile(self, images: np.ndarray) -> dict[str, float]:
         """Velox's operator CPU time (ms) per stage of one forward pass over `images`."""
-        images = check_images(images)
-        plan = vp.forward_plan(self._v.PlanBuilder, self._inputs(images))
+        images = check_images(images, self.spec.input_shape)
+        if self.plan_kind == "study":
+            plan = vp.forward_plan(self._v.PlanBuilder, self._inputs(images))
+        else:
+            inputs = self._inputs(images)
+            plan = vl.forward_plan(self._v.PlanBuilder, self._ops, inputs.tickets, inputs.images)
         with velox_runtime.execute(plan, max(1, min(self.drivers, len(images))), QUERY_CONFIG) as result:
             text = result.runner.print_plan_with_stats()
         return stage_cpu_ms(text)

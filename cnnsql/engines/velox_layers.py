@@ -62,8 +62,9 @@ def _fold_batchnorm(arrays: dict, name: str, eps: float) -> tuple[np.ndarray, np
     return scale, b - m * scale
 
 
-def build_ops(spec: ModelSpec, arrays: dict[str, np.ndarray]) -> list[Op]:
-    """The model as generated steps, each reading column `a` and writing column `a` (flat HWC)."""
+def build_ops(spec: ModelSpec, arrays: dict[str, np.ndarray], winograd: bool = True) -> list[Op]:
+    """The model as generated steps, each reading column `a` and writing column `a` (flat HWC).
+    `winograd`: conv2d + max-pool as Winograd F(4,3) where winograd_fits(); else the direct form."""
     c, h, w = spec.input_shape
     ops = [Op("input", [[f"transform({seq(h * w * c)}, i -> element_at(img, (i % {c}) * {h * w} "
                          f"+ i / {c} + 1) / REAL '255.0') AS a"]], {})]
@@ -87,7 +88,11 @@ def build_ops(spec: ModelSpec, arrays: dict[str, np.ndarray]) -> list[Op]:
             relu = nxt is not None and nxt.kind == "relu"
             if relu:
                 i += 1
-            if layer.kind == "conv2d":
+            after = layers[i + 1] if i + 1 < len(layers) else None
+            if layer.kind == "conv2d" and winograd and winograd_fits(layer, shapes[i], after):
+                ops.append(winograd_op(len(ops), layer, shape, shapes[i], wt, bias, relu))
+                i += 1                                                 # the max-pool runs inside the tiles
+            elif layer.kind == "conv2d":
                 ops.append(conv_op(len(ops), layer, shape, wt, bias, relu))
             else:
                 if flat_from is not None:   # columns (c, h, w) -> HWC, the order of `a`
@@ -146,6 +151,60 @@ def conv_op(k: int, layer, shape, wt: np.ndarray, bias: np.ndarray, relu: bool) 
     # weights (F, C, K, K) -> (F, K*K*C) in patch order (dy, dx, c)
     w2 = wt.transpose(0, 2, 3, 1).reshape(f, patch)
     return Op("conv2d", projections, {f"w{k}": w2.astype(np.float32), f"b{k}": bias.astype(np.float32)})
+
+
+def winograd_fits(layer, out_shape, after) -> bool:
+    """3x3 stride-1 convolution (after its folded batch-norm and ReLU) followed by a 2x2 max-pool of
+    stride 2, output sides divisible by 4: Winograd F(4,3) with the pool inside each 4x4 tile."""
+    return (layer.kernel == 3 and layer.stride == 1 and after is not None and after.kind == "maxpool"
+            and after.kernel == 2 and after.stride == 2 and out_shape[1] % 4 == 0 and out_shape[2] % 4 == 0)
+
+
+def winograd_op(k: int, layer, shape, conv_shape, wt: np.ndarray, bias: np.ndarray, relu: bool) -> Op:
+    """conv2d + 2x2 max-pool as Winograd F(4,3) (the study's conv2 form, velox_plan.py, for any size):
+    36 components of T tiles x F filters x C channels multiply-adds instead of 16 T x 9 F C; output
+    the pooled map (F, OH/2, OW/2) as flat HWC."""
+    from .velox_plan import AT, BT, G, lincomb
+    c, h, w = shape
+    f, oh, ow = conv_shape
+    top, bottom, left, right = conv_padding(layer, h, w)
+    hp, wp = h + top + bottom, w + left + right
+    ti_n, tj_n = oh // 4, ow // 4
+    tiles = ti_n * tj_n
+    projections = []
+    if top or bottom or left or right:
+        projections.append(conv_op(k, layer, shape, wt, bias, relu).projections[0])   # the padding gather
+    projections.append([f"transform({seq(hp * wp)}, q -> slice(a, q * {c} + 1, {c})) AS d"])  # pixels of C
+    projections.append([f"transform({seq(ti_n * wp)}, r -> "
+                        + lincomb([(BT[i, rr], f"element_at(d, (4 * (r / {wp}) + {rr}) * {wp} + r % {wp} + 1)")
+                                   for rr in range(6)]) + f") AS z{i}" for i in range(6)])
+    projections.append([f"transform({seq(tiles)}, t -> "
+                        + lincomb([(BT[j, cc], f"element_at(z{i}, (t / {tj_n}) * {wp} + 4 * (t % {tj_n}) + {cc + 1})")
+                                   for cc in range(6)]) + f") AS v{6 * i + j}" for i in range(6) for j in range(6)])
+    projections.append([f"flatten(transform(v{x}, vv -> transform(u{k}_{x}, uu -> {_dot('vv', 'uu')}))) AS m{x}"
+                        for x in range(36)])
+    projections.append([f"{lincomb([(AT[b, j], f'm{6 * i + j}') for j in range(6)])} AS s{i}_{b}"
+                        for i in range(6) for b in range(4)])
+    projections.append([f"{lincomb([(AT[a, i], f's{i}_{b}') for i in range(6)])} AS y{a}_{b}"
+                        for a in range(4) for b in range(4)])
+    mx = "(p, q) -> greatest(p, q)"
+    pools = [f"zip_with(zip_with(y{2 * pa}_{2 * pb}, y{2 * pa}_{2 * pb + 1}, {mx}), "
+             f"zip_with(y{2 * pa + 1}_{2 * pb}, y{2 * pa + 1}_{2 * pb + 1}, {mx}), {mx})"
+             for pa in range(2) for pb in range(2)]
+    projections.append([f"concat({', '.join(pools)}) AS hh"])
+    # hh[((2 pa + pb) T + t) F + o] -> HWC pooled (py, px, o) with py = 2 ti + pa, px = 2 tj + pb; + bias, ReLU
+    ph, pw = oh // 2, ow // 2
+    q = f"(i / {f})"
+    src = (f"((2 * (({q} / {pw}) % 2) + {q} % {pw} % 2) * {tiles} + (({q} / {pw}) / 2) * {tj_n} + ({q} % {pw}) / 2) "
+           f"* {f} + i % {f} + 1")
+    value = f"element_at(hh, {src}) + element_at(b{k}, i % {f} + 1)"
+    if relu:
+        value = f"greatest({value}, {R0})"
+    projections.append([f"transform({seq(ph * pw * f)}, i -> {value}) AS a"])
+    u = np.einsum("ia,ocab,jb->ijoc", G, wt, G).reshape(36, f, c)
+    weights = {f"u{k}_{x}": u[x].astype(np.float32) for x in range(36)}
+    weights[f"b{k}"] = bias.astype(np.float32)
+    return Op("winograd", projections, weights)
 
 
 def dense_op(k: int, wt: np.ndarray, bias: np.ndarray, relu: bool) -> Op:
