@@ -28,7 +28,7 @@ QUERY_DIR = db.SQL_DIR / "queries"
 class BenchConfig:
     engines: list[str] = field(default_factory=lambda: list(ENGINES))
     weights: Path | None = None
-    repetitions: int = 3
+    repetitions: int | None = None     # timed calls per phase (default: the engine's bench_repetitions, else 3)
     warmup: int = 1
     threads: int = 2
     device: str = "cpu"
@@ -48,6 +48,11 @@ class BenchConfig:
         if self.full:
             return available
         return min((self.limit or available) if default is None else (self.sample or default), available)
+
+    def reps(self, engine: str | None = None) -> int:
+        """Timed repetitions per phase: --repetitions, else the engine's declared default, else 3."""
+        declared = engine_class(engine).bench_repetitions if engine else None
+        return self.repetitions or declared or 3
 
 
 def query_text(name: str) -> str:
@@ -147,7 +152,7 @@ class Bench:
         n = cfg.n_images(name, len(self.ids))
         images, labels, bs = self.images[:n], self.labels[:n], engine.default_batch_size
         common = {"engine": name, "device": device, "batch_size": bs, "detail": {"engine": engine.describe()}}
-        reps = cfg.repetitions
+        reps = cfg.reps(name)
         warm_n = min(n, type(engine).bench_warmup_images or n)  # a slow engine warms up on fewer images
         self.say(f"[{name}] raw offline: {n} images, batch {bs}, {cfg.warmup} warm-up ({warm_n} images) + {reps} timed")
         last = {}
@@ -219,7 +224,7 @@ class Bench:
         query = query_text("fetch_only")
         self.say(f"[fetch] SQL without a function: {query}")
         self.phase({"engine": "none", "kind": "sql", "scenario": "fetch-only", "query": query},
-                   lambda: evadb_session.run(self.cursor, query), self.cfg.repetitions, self.cfg.warmup,
+                   lambda: evadb_session.run(self.cursor, query), self.cfg.reps(), self.cfg.warmup,
                    len(self.ids))
 
     def record_agreement(self) -> None:
@@ -278,7 +283,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     finally:
         bench.close()
     print(format_table(rows))
-    print(f"(session {bench.session}; medians of {cfg.repetitions} timed runs after {cfg.warmup} warm-up; "
+    reps = ", ".join(f"{name} {cfg.reps(name)}" for name in cfg.engines)
+    print(f"(session {bench.session}; medians of timed runs ({reps}) after {cfg.warmup} warm-up; "
           f"{cfg.threads} threads; agree = lowest top-1 agreement with another engine's SQL output; "
           "PG = inside PostgreSQL (cnnsql db functions): whole split through the batched function, and p50 "
           "of one-image queries; all runs are in table bench_run)")

@@ -55,7 +55,8 @@ def register_bench(sub) -> None:
                    help="comma-separated (default: torch,tensorflow,velox)")
     b.add_argument("--weights", type=Path, default=None,
                    help="weights file (default: $CNNSQL_WEIGHTS or .cnnsql/weights/default.npz, trained if missing)")
-    b.add_argument("--repetitions", type=_count(1), default=3, help="timed repetitions per phase (default 3)")
+    b.add_argument("--repetitions", type=_count(1), default=None,
+                   help="timed repetitions per phase (default 3; an engine may declare fewer: Velox 2)")
     b.add_argument("--warmup", type=_count(0), default=1, help="untimed warm-up calls per phase (default 1)")
     b.add_argument("--threads", type=_count(1), default=2, help="intra-op threads / Velox drivers (default 2)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch/tensorflow device")

@@ -54,11 +54,52 @@ def cmd_db(args) -> int:
 
 # --- load ---------------------------------------------------------------------------------
 
+def _size(text: str) -> tuple[int, int]:
+    """HxW (or one number for a square), each 1..1024."""
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        h = w = 0
+    if not (1 <= h <= 1024 and 1 <= w <= 1024):
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 32x32), each 1..1024, got {text!r}")
+    return h, w
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
 def cmd_load(args) -> int:
     from . import loader
 
+    if args.images is not None or args.dataset is not None:
+        return _load_images(args)
+    if args.size or args.channels or args.test_fraction:
+        raise CnnsqlError("--size, --channels and --test-fraction apply to image folders",
+                          "use them with --images DIR --dataset NAME")
     loader.load(source=args.source, synthetic=args.synthetic, seed=args.seed,
                 download=not args.no_download, progress=not args.quiet)
+    return 0
+
+
+def _load_images(args) -> int:
+    from . import datasets
+
+    if args.images is None or args.dataset is None:
+        raise CnnsqlError("an image folder load needs both --images DIR and --dataset NAME",
+                          "e.g. cnnsql load --images ./digits --dataset digits")
+    if args.source or args.synthetic:
+        raise CnnsqlError("--images cannot be combined with --source or --synthetic (those load CIFAR-10)",
+                          "run two loads")
+    datasets.load_images(None, args.images, args.dataset, size=args.size, channels=args.channels,
+                         test_fraction=args.test_fraction, progress=not args.quiet)
     return 0
 
 
@@ -101,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_functions(d)
     d.set_defaults(func=cmd_db)
 
-    ld = sub.add_parser("load", help="load CIFAR-10 (or --synthetic N) into PostgreSQL")
+    ld = sub.add_parser("load", help="load CIFAR-10 (or --synthetic N, or an image folder) into PostgreSQL")
     ld.add_argument("--source", help="cifar-10-python.tar.gz or an extracted cifar-10-batches-py folder "
                     "(default: $CIFAR10_PATH, Keras/torchvision caches, then download)")
     ld.add_argument("--synthetic", type=_positive, metavar="N", help="load N deterministic synthetic train "
@@ -109,10 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     ld.add_argument("--no-download", action="store_true", help="never download; fail if not found locally")
     ld.add_argument("--quiet", action="store_true", help="no progress bars")
+    ld.add_argument("--images", type=Path, metavar="DIR", help="an image folder: DIR/<class>/<image>.png|.jpg "
+                    "(torchvision ImageFolder layout); needs --dataset")
+    ld.add_argument("--dataset", metavar="NAME", help="name of the image-folder dataset (views pg.NAME_train, "
+                    "pg.NAME_test); a reload replaces it")
+    ld.add_argument("--size", type=_size, metavar="HxW", help="resize every image to HxW (bilinear); "
+                    "default: refuse images of different sizes")
+    ld.add_argument("--channels", type=int, choices=[1, 3], help="1 (greyscale) or 3 (RGB); default: 1 when "
+                    "every image is greyscale")
+    ld.add_argument("--test-fraction", type=_fraction, metavar="F", help="share of images in the test split "
+                    "(default 0.2; chosen per file by a hash of its path)")
     ld.set_defaults(func=cmd_load)
 
-    tr = sub.add_parser("train", help="train the CNN on the train split and write a weights file")
+    tr = sub.add_parser("train", help="train a CNN on the train split and write a weights file")
     tr.add_argument("--framework", choices=["torch", "tensorflow"], default="torch")
+    tr.add_argument("--model", default=None, metavar="NAME|FILE", help="a built-in (study, lenet5, vgg; default "
+                    "study) sized to the dataset, or a model description .json")
+    tr.add_argument("--dataset", default=None, metavar="NAME", help="cifar10 (default) or a dataset loaded "
+                    "with `cnnsql load --images`")
     tr.add_argument("--epochs", type=_positive, default=None, help="default: the framework's tuned default")
     tr.add_argument("--batch-size", type=_positive, default=None)
     tr.add_argument("--out", type=Path, required=True, help="weights file to write (.npz; manifest beside it)")

@@ -122,7 +122,7 @@ def ensure_schema(conn) -> None:
     """Create the data and results tables if missing (idempotent)."""
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('cnnsql.schema'))")
-        for name in ("schema.sql", "results.sql"):
+        for name in ("schema.sql", "results.sql", "datasets.sql"):
             cur.execute(sql_file(name))
     conn.commit()
 

@@ -167,7 +167,7 @@ def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, 
     shards = _shards(n, workers * 4)
     run_id = results.start_run(
         conn, session, kind="ray", scenario="offline", engine=engine, split="test", n_rows=n, batch_size=batch,
-        threads=threads, device="cpu", warmup=1, repetitions=cfg.repetitions, workers=workers, cluster=cluster,
+        threads=threads, device="cpu", warmup=1, repetitions=cfg.reps(), workers=workers, cluster=cluster,
         dataset_kind=kind, weights=weights,
         query="SELECT id, img FROM cifar_image WHERE split = 'test' AND id >= %s AND id < %s ORDER BY id")
     actors = []
@@ -180,7 +180,7 @@ def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, 
                   f"{ray.get([a.pid.remote() for a in actors])}", file=sys.stderr, flush=True)
         walls = []
         with ResourceMonitor() as mon:
-            for _ in range(cfg.repetitions):
+            for _ in range(cfg.reps()):
                 t0 = time.perf_counter()
                 pool = ActorPool(actors)
                 done = list(pool.map_unordered(lambda a, s: a.run_shard.remote(run_id, table, s[0], s[1], batch),

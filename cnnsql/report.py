@@ -273,7 +273,8 @@ def write_report(out: Path, session: str | None = None) -> Path:
     first = current.iloc[0]
     how = (f"Session {session}, host {first.host}, git {first.git_commit}, data {first.dataset_kind}; "
            f"{int(first.threads)} threads; each phase: {int(first.warmup)} untimed warm-up call(s), then "
-           f"{int(first.repetitions)} timed repetitions, medians reported.")
+           f"{'/'.join(str(int(r)) for r in sorted(current.repetitions.dropna().unique()))} timed repetitions "
+           "(per run in the table below), medians reported.")
     cols = ["engine", "kind", "scenario", "n_rows", "batch_size", "repetitions", "wall_s", "images_per_s",
             "latency_ms", "p50_ms", "p90_ms", "p99_ms", "accuracy", "cpu_pct", "gpu_pct", "peak_rss_mb", "query"]
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>cnnsql report</title>",

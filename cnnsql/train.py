@@ -1,4 +1,5 @@
-"""Train the CNN in PyTorch or TensorFlow and export it to the framework-neutral layout.
+"""Train a model (cnnsql.model_spec; the study's CNN by default) in PyTorch or TensorFlow and export it
+to the framework-neutral layout.
 
 The caller reads the data and writes the file (`save_weights`); this module only fits and checks.
 After training, the exported arrays are loaded into the matching inference engine, which computes
@@ -12,6 +13,7 @@ import numpy as np
 
 from .engines.base import check_images
 from .errors import CnnsqlError
+from .model_spec import STUDY, ModelSpec
 from .weights import Weights, validate_arrays
 
 FRAMEWORKS = ("torch", "tensorflow")
@@ -26,7 +28,7 @@ EVAL_BATCH = 256
 def train(framework: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *,
           epochs: int | None = None, batch_size: int | None = None, seed: int = 0, device: str = "cpu",
           threads: int | None = None, progress: bool = True, lr: float = DEFAULT_LR,
-          test_each_epoch: bool = False) -> tuple[dict, dict]:
+          test_each_epoch: bool = False, spec: ModelSpec = STUDY) -> tuple[dict, dict]:
     """Fit, export, evaluate. Returns (arrays in the neutral layout, history).
 
     epochs/batch_size None: the defaults above. history["epochs"] holds one dict per epoch
@@ -35,8 +37,8 @@ def train(framework: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
     """
     if framework not in FRAMEWORKS:
         raise CnnsqlError(f"cannot train with {framework!r}", f"choose one of: {', '.join(FRAMEWORKS)}")
-    x_train, y_train = check_data(x_train, y_train, "train")
-    x_test, y_test = check_data(x_test, y_test, "test")
+    x_train, y_train = check_data(x_train, y_train, "train", spec)
+    x_test, y_test = check_data(x_test, y_test, "test", spec)
     epochs = DEFAULT_EPOCHS if epochs is None else epochs
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if epochs < 1 or batch_size < 1:
@@ -44,32 +46,35 @@ def train(framework: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
     fit = fit_torch if framework == "torch" else fit_tensorflow
     monitor = (lambda predict: accuracy(predict, x_test, y_test)) if test_each_epoch else None
     arrays, live_predict, epoch_list = fit(x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed,
-                                          device=device, threads=threads, progress=progress, lr=lr, monitor=monitor)
-    arrays = validate_arrays(arrays, f"exported from {framework}")
+                                          device=device, threads=threads, progress=progress, lr=lr, monitor=monitor,
+                                          spec=spec)
+    arrays = validate_arrays(arrays, f"exported from {framework}", spec)
     history = {
-        "framework": framework, "batch_size": batch_size, "lr": lr, "optimizer": "adam", "seed": seed,
+        "framework": framework, "model": spec.name, "batch_size": batch_size, "lr": lr, "optimizer": "adam", "seed": seed,
         "device": device, "threads": threads, "train_images": len(x_train), "test_images": len(x_test),
         "epochs": epoch_list, "train_seconds": float(sum(e["seconds"] for e in epoch_list)),
-        **evaluate(framework, arrays, live_predict, x_test, y_test, device, threads),
+        **evaluate(framework, arrays, live_predict, x_test, y_test, device, threads, spec),
     }
     return arrays, history
 
 
-def check_data(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    x = check_images(x)
+def check_data(x: np.ndarray, y: np.ndarray, what: str, spec: ModelSpec = STUDY) -> tuple[np.ndarray, np.ndarray]:
+    x = check_images(x, spec.input_shape)
     y = np.asarray(y).astype(np.int64).reshape(-1)
     if len(y) != len(x) or len(x) == 0:
         raise CnnsqlError(f"{what} set has {len(x)} images and {len(y)} labels")
-    if y.min() < 0 or y.max() > 9:
-        raise CnnsqlError(f"{what} labels must be 0..9, got {y.min()}..{y.max()}")
+    if y.min() < 0 or y.max() >= spec.num_classes:
+        raise CnnsqlError(f"{what} labels must be 0..{spec.num_classes - 1}, got {y.min()}..{y.max()}",
+                          f"model {spec.name!r} has {spec.num_classes} classes")
     return np.ascontiguousarray(x), y
 
 
-def evaluate(framework, arrays, live_predict, x_test, y_test, device, threads) -> dict:
+def evaluate(framework, arrays, live_predict, x_test, y_test, device, threads, spec: ModelSpec = STUDY) -> dict:
     """Test accuracy from the engine running the exported weights; check it matches the live model."""
     from .engines import get_engine
 
-    engine = get_engine(framework, Weights(arrays, {"trained_by": framework}), device=device, threads=threads)
+    weights = Weights(arrays, {"trained_by": framework, "model": spec.to_dict()})
+    engine = get_engine(framework, weights, device=device, threads=threads)
     t0 = time.perf_counter()
     exported = engine.predict(x_test, batch_size=EVAL_BATCH)
     seconds = time.perf_counter() - t0
@@ -134,7 +139,7 @@ def run_epochs(step, n, *, epochs, batch_size, seed, progress, name, after_epoch
     return log
 
 
-def fit_torch(x, y, *, epochs, batch_size, seed, device, threads, progress, lr, monitor=None):
+def fit_torch(x, y, *, epochs, batch_size, seed, device, threads, progress, lr, monitor=None, spec=STUDY):
     from .engines.torch_engine import build_model, export_arrays, import_torch, torch_device
 
     torch = import_torch()
@@ -143,7 +148,7 @@ def fit_torch(x, y, *, epochs, batch_size, seed, device, threads, progress, lr, 
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     fmt = torch.channels_last
-    model = build_model().to(dev).to(memory_format=fmt)
+    model = build_model(spec).to(dev).to(memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     labels = torch.from_numpy(y)
 
@@ -152,6 +157,7 @@ def fit_torch(x, y, *, epochs, batch_size, seed, device, threads, progress, lr, 
         return t.to(torch.float32).div_(255.0).contiguous(memory_format=fmt)
 
     def step(idx):
+        model.train()   # dropout active, batch norm on batch statistics
         xb, yb = as_input(x[idx]), labels[idx].to(dev)
         logits = model(xb)
         loss = torch.nn.functional.cross_entropy(logits, yb)
@@ -160,17 +166,18 @@ def fit_torch(x, y, *, epochs, batch_size, seed, device, threads, progress, lr, 
         opt.step()
         return loss.item(), int((logits.argmax(1) == yb).sum())
 
-    def live_predict(images):  # no dropout or batch norm: train and eval modes compute the same
+    def live_predict(images):
+        model.eval()
         with torch.inference_mode():
             return torch.softmax(model(as_input(images)), 1).cpu().numpy()
 
     after = (lambda: monitor(live_predict)) if monitor else None
     log = run_epochs(step, len(x), epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
                      name="torch", after_epoch=after)
-    return export_arrays(model), live_predict, log
+    return export_arrays(model, spec), live_predict, log
 
 
-def fit_tensorflow(x, y, *, epochs, batch_size, seed, device, threads, progress, lr, monitor=None):
+def fit_tensorflow(x, y, *, epochs, batch_size, seed, device, threads, progress, lr, monitor=None, spec=STUDY):
     from .engines.tensorflow_engine import build_model, export_arrays, import_tf, set_threads, tf_device, to_nhwc
 
     set_threads(threads)
@@ -178,13 +185,13 @@ def fit_tensorflow(x, y, *, epochs, batch_size, seed, device, threads, progress,
     tf.keras.utils.set_random_seed(seed)
     dev = tf_device(device)
     with tf.device(dev):
-        model = build_model()
+        model = build_model(spec)
         opt = tf.keras.optimizers.Adam(learning_rate=lr)
         loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    spec = [tf.TensorSpec([None, 3, 32, 32], tf.uint8), tf.TensorSpec([None], tf.int64)]
+    sig = [tf.TensorSpec([None, *spec.input_shape], tf.uint8), tf.TensorSpec([None], tf.int64)]
 
-    @tf.function(input_signature=spec)
+    @tf.function(input_signature=sig)
     def train_step(xb, yb):
         with tf.GradientTape() as tape:
             logits = model(to_nhwc(tf, xb), training=True)
@@ -193,7 +200,7 @@ def fit_tensorflow(x, y, *, epochs, batch_size, seed, device, threads, progress,
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), yb), tf.int32))
         return loss, correct
 
-    @tf.function(input_signature=spec[:1])
+    @tf.function(input_signature=sig[:1])
     def proba(xb):
         return tf.nn.softmax(model(to_nhwc(tf, xb), training=False))
 
@@ -209,4 +216,4 @@ def fit_tensorflow(x, y, *, epochs, batch_size, seed, device, threads, progress,
     after = (lambda: monitor(live_predict)) if monitor else None
     log = run_epochs(step, len(x), epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
                      name="tensorflow", after_epoch=after)
-    return export_arrays(model), live_predict, log
+    return export_arrays(model, spec), live_predict, log

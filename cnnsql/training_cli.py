@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import data, db, results
+from . import datasets, db, model_spec, results
 from .weights import save_weights
 
 
@@ -13,34 +13,39 @@ def train_command(args) -> None:
     with db.connection() as conn:
         train_and_save(conn, args.framework, args.out, epochs=args.epochs, batch_size=args.batch_size,
                        seed=args.seed, device=args.device, threads=args.threads, limit=args.limit,
-                       progress=not args.quiet)
+                       progress=not args.quiet, model=args.model, dataset=args.dataset)
 
 
 def train_and_save(conn, framework: str, out: Path, *, epochs=None, batch_size=None, seed: int = 0,
-                   device: str = "cpu", threads=None, limit=None, progress: bool = True) -> dict:
-    """Train on the train split, evaluate on the test split, write weights + manifest, log the run."""
+                   device: str = "cpu", threads=None, limit=None, progress: bool = True,
+                   model: str | None = None, dataset: str | None = None) -> dict:
+    """Train `model` (a built-in name sized to the dataset, or a description .json; default the study's
+    CNN) on the dataset's train split, evaluate on its test split, write weights + manifest, log the run."""
     from .train import train
 
     db.ensure_schema(conn)
-    info = results.dataset_info(conn)
-    _, x_train, y_train = data.fetch_split(conn, "train", limit=limit)
-    _, x_test, y_test = data.fetch_split(conn, "test")
+    ds = datasets.info(conn, dataset)
+    spec = model_spec.resolve(model, ds.shape, ds.num_classes)
+    info = results.dataset_info(conn) if ds.name == datasets.DEFAULT else {"dataset": ds.name, "kind": ds.kind}
+    _, x_train, y_train = datasets.fetch_split(conn, ds, "train", limit=limit)
+    _, x_test, y_test = datasets.fetch_split(conn, ds, "test")
     run_id = results.start_run(conn, results.new_session_id(), kind="train", scenario="train", engine=framework,
                                split="train", n_rows=len(y_train), batch_size=batch_size, threads=threads,
-                               device=device, dataset_kind=info.get("train", {}).get("kind"), weights=str(out))
+                               device=device, dataset_kind=info.get("train", {}).get("kind", ds.kind),
+                               weights=str(out))
     try:
         t0 = time.time()
         arrays, history = train(framework, x_train, y_train, x_test, y_test, epochs=epochs, batch_size=batch_size,
-                                seed=seed, device=device, threads=threads, progress=progress)
+                                seed=seed, device=device, threads=threads, progress=progress, spec=spec)
         epochs_done = history["epochs"]
         manifest = {
             "trained_by": framework, "epochs": len(epochs_done), "batch_size": history.get("batch_size"),
             "seed": seed, "test_accuracy": history["test_accuracy"], "train_rows": len(y_train),
             "seconds_per_epoch": [e["seconds"] for e in epochs_done], "data": info,
-            "class_names": data.class_names(conn), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "dataset": ds.name, "class_names": ds.class_names, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "train_seconds": time.time() - t0,
         }
-        save_weights(out, arrays, manifest)
+        save_weights(out, arrays, manifest, spec)
         total = sum(e["seconds"] for e in epochs_done)
         results.finish_run(conn, run_id, {"wall_s": total, "images_per_s": len(y_train) * len(epochs_done) / total,
                                           "accuracy": history["test_accuracy"], "detail": {"history": history}},
@@ -48,6 +53,6 @@ def train_and_save(conn, framework: str, out: Path, *, epochs=None, batch_size=N
     except BaseException as exc:
         results.fail_run(conn, run_id, repr(exc))
         raise
-    print(f"{framework}: test accuracy {history['test_accuracy']:.4f} after {len(epochs_done)} epochs "
+    print(f"{framework} {spec.name} on {ds.name}: test accuracy {history['test_accuracy']:.4f} after {len(epochs_done)} epochs "
           f"({total / len(epochs_done):.1f} s/epoch) -> {out}", file=sys.stderr)
     return history

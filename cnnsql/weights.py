@@ -1,9 +1,11 @@
-"""The framework-neutral weights file: an `.npz` of eight arrays plus a JSON manifest beside it.
+"""The framework-neutral weights file: an `.npz` of the model's arrays plus a JSON manifest beside it.
 
 Convention (other tools read these files, keep it exact):
-  conv kernels (out, in, height, width); dense weights (out, in);
-  fc1's input is the pooled 64x14x14 map flattened in (channel, row, column) order.
-Input images are uint8 (N, 3, 32, 32), channel-major as in the CIFAR-10 archive, scaled by 1/255.
+  conv kernels (out, in, height, width); dense weights (out, in); a dense layer after flatten takes
+  its input in (channel, row, column) order; batch-norm weight, bias, running_mean, running_var.
+The manifest's "model" key holds the model description (cnnsql.model_spec); a manifest without it
+(every file written before descriptions existed) is the study's CNN: eight arrays conv1/conv2/fc1/fc2,
+fc1's input the pooled 64x14x14 map. Input images are uint8 (N, C, H, W), channel-major, scaled by 1/255.
 """
 from __future__ import annotations
 
@@ -15,19 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from . import model_spec, reference
 from .errors import CnnsqlError
+from .model_spec import STUDY, ModelSpec
 
-SHAPES: dict[str, tuple[int, ...]] = {
-    "conv1.weight": (64, 3, 3, 3),
-    "conv1.bias": (64,),
-    "conv2.weight": (64, 64, 3, 3),
-    "conv2.bias": (64,),
-    "fc1.weight": (512, 64 * 14 * 14),
-    "fc1.bias": (512,),
-    "fc2.weight": (10, 512),
-    "fc2.bias": (10,),
-}
-ARCHITECTURE = "conv64k3-relu-conv64k3-relu-maxpool2-flatten_chw-dense512-relu-dense10-softmax"
+# The study's CNN (the default model): its parameters and summary, as every older file has them.
+SHAPES: dict[str, tuple[int, ...]] = STUDY.param_shapes()
+ARCHITECTURE = STUDY.architecture()
+assert ARCHITECTURE == "conv64k3-relu-conv64k3-relu-maxpool2-flatten_chw-dense512-relu-dense10-softmax"
 PREPROCESSING = "uint8/255"
 NUM_CLASSES = 10
 
@@ -37,6 +34,11 @@ class Weights:
     arrays: dict[str, np.ndarray]
     manifest: dict = field(default_factory=dict)
     path: Path | None = None
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model these weights belong to: the manifest's description, else the study's CNN."""
+        return spec_of(self.manifest, self.label)
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.arrays[key]
@@ -50,16 +52,25 @@ def manifest_path(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def validate_arrays(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Check names and shapes; return float32 copies. Raises CnnsqlError naming the mismatch."""
-    missing = [k for k in SHAPES if k not in arrays]
+def spec_of(manifest: dict, source: str = "weights") -> ModelSpec:
+    """The model description a manifest carries (under "model"); the study's CNN when it has none."""
+    d = manifest.get("model") if isinstance(manifest, dict) else None
+    if d is None:
+        return STUDY
+    return model_spec.from_dict(d, f"weights {source}: manifest 'model'")
+
+
+def validate_arrays(arrays: dict[str, np.ndarray], source: str, spec: ModelSpec = STUDY) -> dict[str, np.ndarray]:
+    """Check names and shapes against `spec`; return float32 copies. Raises CnnsqlError naming the mismatch."""
+    shapes = spec.param_shapes()
+    missing = [k for k in shapes if k not in arrays]
     if missing:
         raise CnnsqlError(
             f"weights {source}: missing arrays {', '.join(missing)}",
-            "a cnnsql weights file holds " + ", ".join(SHAPES),
+            f"a weights file of model {spec.name!r} holds " + ", ".join(shapes),
         )
     out = {}
-    for name, shape in SHAPES.items():
+    for name, shape in shapes.items():
         arr = np.asarray(arrays[name])
         if arr.shape != shape:
             raise CnnsqlError(
@@ -83,19 +94,21 @@ NPY_HEADER_BYTES = 1 << 16       # an .npy header is 128 bytes or so
 
 def validate_manifest(manifest: dict, source: str) -> None:
     """Types of the fields cnnsql uses, so a wrong one is a clear error and never a wrong class name."""
+    spec = spec_of(manifest, source)
+    num_classes = spec.num_classes
     for key in ("architecture", "preprocessing", "framework"):
         if key in manifest and not isinstance(manifest[key], str):
             raise CnnsqlError(f"weights {source}: manifest field {key!r} is a {type(manifest[key]).__name__}, "
                               "expected a string", "fix or delete the manifest")
     names = manifest.get("class_names")
-    if names is not None and not (isinstance(names, list) and len(names) == NUM_CLASSES
+    if names is not None and not (isinstance(names, list) and len(names) == num_classes
                                   and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names)):
-        raise CnnsqlError(f"weights {source}: manifest class_names must be a list of {NUM_CLASSES} short strings",
+        raise CnnsqlError(f"weights {source}: manifest class_names must be a list of {num_classes} short strings",
                           "fix or delete the manifest")
     arch = manifest.get("architecture")
-    if arch is not None and arch != ARCHITECTURE:
+    if arch is not None and arch != spec.architecture():
         raise CnnsqlError(
-            f"weights {source}: manifest architecture {arch!r} does not match {ARCHITECTURE!r}",
+            f"weights {source}: manifest architecture {arch!r} does not match {spec.architecture()!r}",
             "these weights belong to another model",
         )
     pre = manifest.get("preprocessing")
@@ -113,14 +126,15 @@ def load_weights(path: str | Path) -> Weights:
             f"weights file {path} not found",
             "train one with `cnnsql train --out PATH` or pass --weights",
         )
-    arrays = validate_arrays(_read_npz(path), str(path))
     mpath = manifest_path(path)
     manifest = _read_manifest(mpath) if mpath.is_file() else {}
     validate_manifest(manifest, str(mpath))
+    spec = spec_of(manifest, str(mpath))
+    arrays = validate_arrays(_read_npz(path, spec.param_shapes()), str(path), spec)
     return Weights(arrays, manifest, path)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, shapes: dict[str, tuple[int, ...]] = SHAPES) -> dict[str, np.ndarray]:
     """Only the known arrays, each after its header shows the expected shape and a float dtype:
     a hostile file cannot make cnnsql allocate more than the model's size."""
     if path.stat().st_size > MAX_WEIGHTS_BYTES:
@@ -130,7 +144,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(path) as z:
             members = {i.filename: i for i in z.infolist()}
-            for name, shape in SHAPES.items():
+            for name, shape in shapes.items():
                 info = members.get(name + ".npy")
                 if info is None:
                     continue  # validate_arrays names what is missing
@@ -205,11 +219,16 @@ def _depth(text: str) -> int:
     return deepest
 
 
-def save_weights(path: str | Path, arrays: dict[str, np.ndarray], manifest: dict) -> Weights:
-    """Write the .npz and its manifest atomically (temp file + rename)."""
+def save_weights(path: str | Path, arrays: dict[str, np.ndarray], manifest: dict,
+                 spec: ModelSpec | None = None) -> Weights:
+    """Write the .npz and its manifest atomically (temp file + rename). The model is `spec`, else the
+    manifest's "model", else the study's CNN; the manifest written always carries its description."""
     path = Path(path)
-    arrays = validate_arrays(arrays, str(path))
-    manifest = {"architecture": ARCHITECTURE, "preprocessing": PREPROCESSING, **manifest}
+    spec = spec or spec_of(manifest, str(path))
+    arrays = validate_arrays(arrays, str(path), spec)
+    manifest = {**manifest, "architecture": spec.architecture(), "preprocessing": PREPROCESSING,
+                "model": spec.to_dict()}
+    validate_manifest(manifest, str(manifest_path(path)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
@@ -220,37 +239,28 @@ def save_weights(path: str | Path, arrays: dict[str, np.ndarray], manifest: dict
     return Weights(arrays, manifest, path)
 
 
-def random_weights(seed: int = 0) -> Weights:
-    """Asymmetric random weights (He-scaled) so a transposed kernel or wrong flatten order shows."""
+def random_weights(seed: int = 0, spec: ModelSpec = STUDY) -> Weights:
+    """Asymmetric random weights (He-scaled) so a transposed kernel or wrong flatten order shows.
+    Batch-norm statistics are random too (variance in [0.5, 1.5]) so a skipped or misplaced one shows."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    for name, shape in SHAPES.items():
-        if name.endswith(".weight"):
-            fan_in = int(np.prod(shape[1:]))
-            arrays[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    for name, shape in spec.param_shapes().items():
+        if name.endswith(".running_var"):
+            arr = rng.uniform(0.5, 1.5, shape)
+        elif name.endswith(".weight") and len(shape) == 1:   # batch-norm gamma
+            arr = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif name.endswith(".weight"):
+            arr = rng.standard_normal(shape) * np.sqrt(2.0 / int(np.prod(shape[1:])))
         else:
-            arrays[name] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    return Weights(arrays, {"architecture": ARCHITECTURE, "preprocessing": PREPROCESSING, "trained_by": "random", "seed": seed})
+            arr = rng.standard_normal(shape) * 0.1
+        arrays[name] = arr.astype(np.float32)
+    manifest = {"architecture": spec.architecture(), "preprocessing": PREPROCESSING, "trained_by": "random",
+                "seed": seed}
+    if spec != STUDY:
+        manifest["model"] = spec.to_dict()
+    return Weights(arrays, manifest)
 
 
 def reference_forward(weights: Weights, images: np.ndarray) -> np.ndarray:
-    """Plain NumPy float64 forward pass: the ground truth the engines are tested against."""
-    x = np.asarray(images, dtype=np.float64).reshape(-1, 3, 32, 32) / 255.0
-
-    def conv_relu(x, w, b):
-        n, c, h, wd = x.shape
-        oh, ow = h - 2, wd - 2
-        cols = np.stack([x[:, :, i:i + oh, j:j + ow] for i in range(3) for j in range(3)], axis=2)
-        # cols: (n, c, 9, oh, ow); w: (o, c, 3, 3) -> (o, c, 9)
-        y = np.einsum("nckhw,ock->nohw", cols, w.reshape(w.shape[0], c, 9).astype(np.float64))
-        return np.maximum(y + b.astype(np.float64)[None, :, None, None], 0.0)
-
-    x = conv_relu(x, weights["conv1.weight"], weights["conv1.bias"])
-    x = conv_relu(x, weights["conv2.weight"], weights["conv2.bias"])
-    n = x.shape[0]
-    x = x.reshape(n, 64, 14, 2, 14, 2).max(axis=(3, 5)).reshape(n, -1)
-    x = np.maximum(x @ weights["fc1.weight"].T.astype(np.float64) + weights["fc1.bias"], 0.0)
-    logits = x @ weights["fc2.weight"].T.astype(np.float64) + weights["fc2.bias"]
-    logits -= logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+    """Plain NumPy float64 forward pass of the weights' model (cnnsql.reference): the engines' ground truth."""
+    return reference.forward(weights.spec, weights.arrays, images)

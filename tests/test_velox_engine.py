@@ -179,3 +179,10 @@ def test_bench_sizes_come_from_the_engine_class():
     assert BenchConfig(sample=4, limit=300).n_images("torch", 10_000) == 300
     assert BenchConfig(full=True, limit=300).n_images("velox", 10_000) == 10_000
     assert BenchConfig().n_images("velox", 500) == 500
+
+
+def test_bench_repetitions_default_per_engine():
+    """Velox declares 2 timed passes per offline phase (the 15-minute budget); --repetitions overrides."""
+    from cnnsql.bench import BenchConfig
+    assert BenchConfig().reps("velox") == 2 and BenchConfig().reps("torch") == 3 and BenchConfig().reps() == 3
+    assert BenchConfig(repetitions=5).reps("velox") == 5 and BenchConfig(repetitions=1).reps("torch") == 1

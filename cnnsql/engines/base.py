@@ -43,13 +43,15 @@ class Engine(ABC):
     # `cnnsql bench` defaults for slow engines (None: the benchmark's own): test images of the offline
     # phases (a prefix of the test split, so shared with the other engines), images of the raw warm-up
     # call (the SQL warm-up is then the one-image query), images per batch-size point, one-image calls
-    # of the single-stream phase.
+    # of the single-stream phase, timed repetitions of the offline phases.
     bench_sample: ClassVar[int | None] = None
     bench_warmup_images: ClassVar[int | None] = None
     bench_sweep_images: ClassVar[int | None] = None
     bench_single_stream: ClassVar[int | None] = None
+    bench_repetitions: ClassVar[int | None] = None  # timed calls per offline phase unless --repetitions
 
     def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
+        self.spec = weights.spec   # the model description (cnnsql.model_spec); the study's CNN by default
         if device not in self.devices:
             raise CnnsqlError(
                 f"engine {self.name!r} cannot run on device {device!r}",
@@ -62,14 +64,15 @@ class Engine(ABC):
 
     @abstractmethod
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images (N, 3, 32, 32) channel-major -> float32 class probabilities (N, 10)."""
+        """uint8 images (N, C, H, W) channel-major (the model's input shape; (N, 3, 32, 32) for the
+        study's CNN) -> float32 class probabilities (N, classes)."""
 
     def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Probabilities for any number of images, in batches of `batch_size`."""
-        images = check_images(images)
+        images = check_images(images, self.spec.input_shape)
         bs = batch_size or self.default_batch_size
         if len(images) == 0:
-            return np.zeros((0, 10), dtype=np.float32)
+            return np.zeros((0, self.spec.num_classes), dtype=np.float32)
         parts = [self.predict_proba(images[i:i + bs]) for i in range(0, len(images), bs)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
@@ -78,12 +81,16 @@ class Engine(ABC):
         return {"engine": self.name, "device": self.device, "threads": self.threads}
 
 
-def check_images(images: np.ndarray) -> np.ndarray:
+def check_images(images: np.ndarray, shape: tuple[int, int, int] = (3, 32, 32)) -> np.ndarray:
+    """uint8 (N, C, H, W) or (N, C*H*W) for the model's input `shape` -> (N, C, H, W)."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise CnnsqlError(f"images must be uint8, got {images.dtype}")
-    if images.ndim == 2 and images.shape[1] == 3072:
-        images = images.reshape(-1, 3, 32, 32)
-    if images.ndim != 4 or images.shape[1:] != (3, 32, 32):
-        raise CnnsqlError(f"images must have shape (N, 3, 32, 32) or (N, 3072), got {images.shape}")
+    shape = tuple(shape)
+    size = int(np.prod(shape))
+    if images.ndim == 2 and images.shape[1] == size:
+        images = images.reshape(-1, *shape)
+    if images.ndim != 4 or images.shape[1:] != shape:
+        dims = ", ".join(map(str, shape))
+        raise CnnsqlError(f"images must have shape (N, {dims}) or (N, {size}), got {images.shape}")
     return images

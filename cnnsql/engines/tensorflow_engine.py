@@ -1,4 +1,5 @@
-"""TensorFlow/Keras engine. Keras on CPU is NHWC: kernels become (h, w, in, out), and fc1's rows are
+"""TensorFlow/Keras engine, built from the weights' model description. Keras on CPU is NHWC: kernels
+become (h, w, in, out), and the rows of the dense layer after flatten (and any batch norm between) are
 permuted once at load time so Keras's NHWC flatten feeds them in the neutral (c, h, w) order."""
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import sys
 import numpy as np
 
 from ..errors import CnnsqlError
-from ..weights import SHAPES, Weights
+from ..model_spec import STUDY, ModelSpec
+from ..weights import Weights
 from .base import Engine, check_images
 from .torch_engine import DEFAULT_CHUNK, run_chunked  # framework-free helpers; torch is imported lazily
 
 # Measured on 2 Sapphire Rapids cores (benchmarks/raw_speed.py): without XLA, TF runs its oneDNN
 # kernels (~3,500 images/s at batch 64); XLA's CPU convolutions reach only ~1,500.
 DEFAULT_JIT_COMPILE = False
-POOLED = (14, 14, 64)  # (h, w, c) after max-pooling
 
 log = logging.getLogger(__name__)
 
@@ -76,53 +77,98 @@ def tf_device(device: str) -> str:
     return "/CPU:0"
 
 
-def build_model():
-    """The CNN as a Keras model on NHWC float input in [0, 1]; outputs logits."""
+def build_model(spec: ModelSpec = STUDY):
+    """The model as a Keras Sequential on NHWC float input in [0, 1]; outputs logits (the final softmax
+    is left to the caller). A relu right after a conv or dense layer is fused into it (activation="relu",
+    as the study's CNN was built before descriptions existed). Keras "same" padding is the description's."""
     tf = import_tf()
     layers = tf.keras.layers
-    return tf.keras.Sequential([
-        tf.keras.Input((32, 32, 3)),
-        layers.Conv2D(64, 3, activation="relu", name="conv1"),
-        layers.Conv2D(64, 3, activation="relu", name="conv2"),
-        layers.MaxPooling2D(2),
-        layers.Flatten(),  # (h, w, c) order
-        layers.Dense(512, activation="relu", name="fc1"),
-        layers.Dense(10, name="fc2"),
-    ])
+    c, h, w = spec.input_shape
+    out = [tf.keras.Input((h, w, c))]
+    skip = False
+    for i, layer in enumerate(spec.layers):
+        if skip:
+            skip = False
+            continue
+        nxt = spec.layers[i + 1].kind if i + 1 < len(spec.layers) else None
+        k = layer.kind
+        fuse = nxt == "relu" and k in ("conv2d", "dense")
+        act = "relu" if fuse else None
+        skip = fuse
+        if k == "conv2d":
+            out.append(layers.Conv2D(layer.filters, layer.kernel, layer.stride, padding=layer.padding,
+                                     activation=act, name=layer.name))
+        elif k == "dense":
+            out.append(layers.Dense(layer.units, activation=act, name=layer.name))
+        elif k == "relu":
+            out.append(layers.ReLU())
+        elif k == "maxpool":
+            out.append(layers.MaxPooling2D(layer.kernel, layer.stride))
+        elif k == "avgpool":
+            out.append(layers.AveragePooling2D(layer.kernel, layer.stride))
+        elif k == "batchnorm":
+            out.append(layers.BatchNormalization(epsilon=layer.eps, momentum=0.9, name=layer.name))
+        elif k == "flatten":
+            out.append(layers.Flatten())   # (h, w, c) order: see flat_order
+        elif k == "dropout":
+            out.append(layers.Dropout(layer.rate))
+    return tf.keras.Sequential(out)
 
 
-def fc1_to_keras(w: np.ndarray) -> np.ndarray:
-    """Neutral (512, c*h*w) -> Keras kernel (h*w*c, 512)."""
-    h, wd, c = POOLED
-    return w.reshape(512, c, h, wd).transpose(2, 3, 1, 0).reshape(h * wd * c, 512)
+def flat_order(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Layer name -> permutation p of its input features such that Keras's (h, w, c) feature j is the
+    neutral (c, h, w) feature p[j], for the layers between flatten and the first dense after it."""
+    perms = {}
+    perm = None
+    for layer, shape_in in zip(spec.layers, spec.input_shapes()):
+        if layer.kind == "flatten":
+            c, h, w = shape_in
+            perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+        elif perm is not None and layer.kind in ("dense", "batchnorm"):
+            perms[layer.name] = perm
+            if layer.kind == "dense":
+                perm = None
+    return perms
 
 
-def fc1_from_keras(k: np.ndarray) -> np.ndarray:
-    h, wd, c = POOLED
-    return k.reshape(h, wd, c, 512).transpose(3, 2, 0, 1).reshape(512, c * h * wd)
+def load_arrays(model, a: dict[str, np.ndarray], spec: ModelSpec = STUDY) -> None:
+    perms = flat_order(spec)
+    for layer in spec.layers:
+        if not layer.params:
+            continue
+        p = lambda s: a[f"{layer.name}.{s}"]
+        if layer.kind == "conv2d":
+            ws = [p("weight").transpose(2, 3, 1, 0), p("bias")]   # (out, in, h, w) -> (h, w, in, out)
+        elif layer.kind == "dense":
+            kernel = p("weight").T
+            ws = [kernel[perms[layer.name]] if layer.name in perms else kernel, p("bias")]
+        else:
+            ws = [p(s) for s in ("weight", "bias", "running_mean", "running_var")]
+            ws = [v[perms[layer.name]] for v in ws] if layer.name in perms else ws
+        model.get_layer(layer.name).set_weights([np.ascontiguousarray(v, dtype=np.float32) for v in ws])
 
 
-def load_arrays(model, a: dict[str, np.ndarray]) -> None:
-    conv = lambda w: w.transpose(2, 3, 1, 0)  # (out, in, h, w) -> (h, w, in, out)
-    model.get_layer("conv1").set_weights([conv(a["conv1.weight"]), a["conv1.bias"]])
-    model.get_layer("conv2").set_weights([conv(a["conv2.weight"]), a["conv2.bias"]])
-    model.get_layer("fc1").set_weights([fc1_to_keras(a["fc1.weight"]), a["fc1.bias"]])
-    model.get_layer("fc2").set_weights([a["fc2.weight"].T, a["fc2.bias"]])
-
-
-def export_arrays(model) -> dict[str, np.ndarray]:
-    w = {n: model.get_layer(n).get_weights() for n in ("conv1", "conv2", "fc1", "fc2")}
-    out = {
-        "conv1.weight": w["conv1"][0].transpose(3, 2, 0, 1), "conv1.bias": w["conv1"][1],
-        "conv2.weight": w["conv2"][0].transpose(3, 2, 0, 1), "conv2.bias": w["conv2"][1],
-        "fc1.weight": fc1_from_keras(w["fc1"][0]), "fc1.bias": w["fc1"][1],
-        "fc2.weight": w["fc2"][0].T, "fc2.bias": w["fc2"][1],
-    }
-    return {k: np.ascontiguousarray(out[k], dtype=np.float32) for k in SHAPES}
+def export_arrays(model, spec: ModelSpec = STUDY) -> dict[str, np.ndarray]:
+    perms = flat_order(spec)
+    out = {}
+    for layer in spec.layers:
+        if not layer.params:
+            continue
+        ws = model.get_layer(layer.name).get_weights()
+        inv = np.argsort(perms[layer.name]) if layer.name in perms else None
+        if layer.kind == "conv2d":
+            values = [ws[0].transpose(3, 2, 0, 1), ws[1]]
+        elif layer.kind == "dense":
+            values = [(ws[0][inv] if inv is not None else ws[0]).T, ws[1]]
+        else:
+            values = [v[inv] if inv is not None else v for v in ws]
+        names = ("weight", "bias", "running_mean", "running_var")
+        out.update({f"{layer.name}.{n}": np.ascontiguousarray(v, dtype=np.float32) for n, v in zip(names, values)})
+    return {k: out[k] for k in spec.param_shapes()}
 
 
 def to_nhwc(tf, images):
-    """uint8 (N, 3, 32, 32) tensor -> float NHWC in [0, 1]."""
+    """uint8 (N, C, H, W) tensor -> float NHWC in [0, 1]."""
     return tf.transpose(tf.cast(images, tf.float32) / 255.0, [0, 2, 3, 1])
 
 
@@ -139,12 +185,12 @@ class TensorflowEngine(Engine):
         self.chunk = chunk  # as in torch: 64-image chunks measured faster than one 256-image pass
         self._tf_device = tf_device(device)
         with tf.device(self._tf_device):
-            self._model = build_model()
-            load_arrays(self._model, weights.arrays)
+            self._model = build_model(self.spec)
+            load_arrays(self._model, weights.arrays, self.spec)
         model = self._model
 
         @tf.function(jit_compile=jit_compile, reduce_retracing=True,
-                     input_signature=[tf.TensorSpec([None, 3, 32, 32], tf.uint8)])
+                     input_signature=[tf.TensorSpec([None, *self.spec.input_shape], tf.uint8)])
         def proba(images):
             return tf.nn.softmax(model(to_nhwc(tf, images), training=False))
 
@@ -152,9 +198,9 @@ class TensorflowEngine(Engine):
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         tf = import_tf()
-        images = np.ascontiguousarray(check_images(images))
+        images = np.ascontiguousarray(check_images(images, self.spec.input_shape))
         with tf.device(self._tf_device):
-            return run_chunked(lambda x: self._proba(x).numpy(), images, self.chunk)
+            return run_chunked(lambda x: self._proba(x).numpy(), images, self.chunk, self.spec.num_classes)
 
     def describe(self) -> dict:
         tf = import_tf()
@@ -162,6 +208,7 @@ class TensorflowEngine(Engine):
             **super().describe(),
             "tensorflow": tf.__version__,
             "keras": tf.keras.__version__,
+            "model": self.spec.name,
             "jit_compile": self.jit_compile,
             "chunk": self.chunk,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),

@@ -1,4 +1,5 @@
-"""PyTorch engine. The neutral layout is PyTorch's own (OIHW kernels, (out, in) dense, NCHW flatten)."""
+"""PyTorch engine. The neutral layout is PyTorch's own (OIHW kernels, (out, in) dense, NCHW flatten).
+The network is built from the weights' model description (cnnsql.model_spec), one module per layer."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,8 @@ import os
 import numpy as np
 
 from ..errors import CnnsqlError
-from ..weights import SHAPES, Weights
+from ..model_spec import STUDY, ModelSpec, conv_padding
+from ..weights import Weights
 from .base import Engine, check_images
 
 # Measured on 2 Sapphire Rapids cores (benchmarks/raw_speed.py): channels_last is ~40% faster than
@@ -30,46 +32,81 @@ def import_torch():
     return torch
 
 
-def run_chunked(fn, images: np.ndarray, chunk: int | None) -> np.ndarray:
-    """fn over consecutive chunks of `images`, concatenated (float32 (N, 10)). Shared with TensorFlow."""
+def run_chunked(fn, images: np.ndarray, chunk: int | None, num_classes: int = 10) -> np.ndarray:
+    """fn over consecutive chunks of `images`, concatenated (float32 (N, classes)). Shared with TensorFlow."""
     if len(images) == 0:
-        return np.zeros((0, 10), dtype=np.float32)
+        return np.zeros((0, num_classes), dtype=np.float32)
     step = chunk or len(images)
     parts = [fn(images[i:i + step]) for i in range(0, len(images), step)]
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def build_model():
-    """The CNN as an nn.Module whose state_dict names and shapes are exactly the neutral ones."""
+def build_model(spec: ModelSpec = STUDY):
+    """The model as an nn.Module on float NCHW input in [0, 1], returning logits (the final softmax is
+    left to the caller). Parametrised layers are attributes named as in the description, so state_dict
+    names and shapes are exactly the neutral ones (plus batch norm's num_batches_tracked counter)."""
     torch = import_torch()
     from torch import nn
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 3)
-            self.conv2 = nn.Conv2d(64, 64, 3)
-            self.fc1 = nn.Linear(64 * 14 * 14, 512)
-            self.fc2 = nn.Linear(512, 10)
+            self.steps = []   # callables in order; modules with parameters are also attributes
+            for layer, shape_in in zip(spec.layers, spec.input_shapes()):
+                if layer.kind != "softmax":
+                    self.steps.append(self._step(layer, shape_in))
 
-        def forward(self, x):  # x: float (N, 3, 32, 32) in [0, 1]; returns logits
-            x = torch.relu(self.conv1(x))
-            x = torch.relu(self.conv2(x))
-            x = torch.flatten(torch.max_pool2d(x, 2), 1)  # (c, h, w) order in any memory format
-            return self.fc2(torch.relu(self.fc1(x)))
+        def _step(self, layer, shape_in):
+            k = layer.kind
+            if k == "conv2d":
+                top, bottom, left, right = conv_padding(layer, shape_in[1], shape_in[2])
+                symmetric = top == bottom and left == right
+                conv = nn.Conv2d(shape_in[0], layer.filters, layer.kernel, layer.stride,
+                                 padding=(top, left) if symmetric else 0)
+                setattr(self, layer.name, conv)
+                if symmetric:
+                    return conv
+                pad = nn.ZeroPad2d((left, right, top, bottom))
+                return lambda x: conv(pad(x))
+            if k == "dense":
+                setattr(self, layer.name, nn.Linear(shape_in[0], layer.units))
+                return getattr(self, layer.name)
+            if k == "batchnorm":
+                bn = (nn.BatchNorm2d if len(shape_in) == 3 else nn.BatchNorm1d)(shape_in[0], eps=layer.eps)
+                setattr(self, layer.name, bn)
+                return bn
+            if k == "dropout":
+                drop = nn.Dropout(layer.rate)
+                self.add_module(f"dropout{len(self.steps)}", drop)
+                return drop
+            return {
+                "relu": torch.relu,
+                "maxpool": lambda x: torch.max_pool2d(x, layer.kernel, layer.stride),
+                "avgpool": lambda x: nn.functional.avg_pool2d(x, layer.kernel, layer.stride),
+                "flatten": lambda x: torch.flatten(x, 1),   # (c, h, w) order in any memory format
+            }[k]
+
+        def forward(self, x):  # x: float (N, C, H, W) in [0, 1]; returns logits
+            for step in self.steps:
+                x = step(x)
+            return x
 
     return Net()
 
 
-def load_arrays(model, arrays: dict[str, np.ndarray]) -> None:
+def load_arrays(model, arrays: dict[str, np.ndarray], spec: ModelSpec = STUDY) -> None:
     torch = import_torch()
 
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)) for k in SHAPES})
+    state = {k: torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)) for k in spec.param_shapes()}
+    for key, value in model.state_dict().items():
+        if key.endswith(".num_batches_tracked"):
+            state[key] = value
+    model.load_state_dict(state)
 
 
-def export_arrays(model) -> dict[str, np.ndarray]:
+def export_arrays(model, spec: ModelSpec = STUDY) -> dict[str, np.ndarray]:
     sd = model.state_dict()
-    return {k: sd[k].detach().cpu().numpy().astype(np.float32).copy() for k in SHAPES}
+    return {k: sd[k].detach().cpu().numpy().astype(np.float32).copy() for k in spec.param_shapes()}
 
 
 def torch_device(device: str):
@@ -100,8 +137,9 @@ class TorchEngine(Engine):
         self._dev = torch_device(device)
         if threads:
             torch.set_num_threads(threads)
-        model = build_model()
-        load_arrays(model, weights.arrays)
+        self.spec = weights.spec
+        model = build_model(self.spec)
+        load_arrays(model, weights.arrays, self.spec)
         model = model.eval().to(self._dev)
         self._memory_format = torch.channels_last if mode != "eager" else torch.contiguous_format
         model = model.to(memory_format=self._memory_format)
@@ -117,11 +155,11 @@ class TorchEngine(Engine):
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        images = check_images(images)
+        images = check_images(images, self.spec.input_shape)
         if not (images.flags.c_contiguous and images.flags.writeable):  # torch warns on read-only arrays
             images = np.array(images, order="C")
         with torch.inference_mode():
-            return run_chunked(self._proba, images, self.chunk)
+            return run_chunked(self._proba, images, self.chunk, self.spec.num_classes)
 
     def describe(self) -> dict:
         import torch
@@ -129,6 +167,7 @@ class TorchEngine(Engine):
         return {
             **super().describe(),
             "torch": torch.__version__,
+            "model": self.spec.name,
             "mode": self.mode,
             "chunk": self.chunk,
             "intra_op_threads": torch.get_num_threads(),

@@ -20,7 +20,10 @@ import re
 
 import numpy as np
 
+from ..errors import CnnsqlError
+from ..model_spec import STUDY
 from ..weights import Weights
+from . import velox_layers as vl
 from . import velox_plan as vp
 from . import velox_runtime
 from .base import Engine, check_images
@@ -30,6 +33,19 @@ log = logging.getLogger(__name__)
 # One-row output batches: Velox's default (1,024 rows) would make each project node evaluate many
 # images at once; measured in the prototype (../shared/research/velox) one row per batch was best.
 QUERY_CONFIG = {"preferred_output_batch_rows": "1"}
+
+
+def is_study(spec) -> bool:
+    """The study's CNN on 3x32x32 images with 10 classes: the hand-tuned plan of velox_plan.py."""
+    return spec.input_shape == STUDY.input_shape and spec.layers == STUDY.layers
+
+
+def check_model(spec) -> None:
+    """Every layer kind of the description has a generator (velox_layers.py); refuse anything else."""
+    unknown = sorted({layer.kind for layer in spec.layers} - set(vl.GENERATED))
+    if unknown:
+        raise CnnsqlError(f"the Velox engine has no plan generator for layer kind(s) {', '.join(unknown)} "
+                          f"of model {spec.name!r}", "use --engine torch or tensorflow for this model")
 
 
 class VeloxEngine(Engine):
@@ -42,23 +58,37 @@ class VeloxEngine(Engine):
     bench_warmup_images = 64     # the warm-up compiles the plan: a whole 1,000-image pass is not needed
     bench_sweep_images = 32      # images per batch-size point of the sweep
     bench_single_stream = 10     # one-image calls of the single-stream phase
+    bench_repetitions = 2        # timed passes per offline phase (raw, SQL, in PostgreSQL): 6 x 1,000 images
+                                 # instead of 9 x 1,000 keeps `make bench-sql` inside 15 minutes (VELOX.md)
     TICKETS = 16                 # image splits: batch rows go to ticket rid % TICKETS
     FC1_BLOCKS = 8               # fc1 weight blocks of 64 neurons (the fc1 pipeline's splits)
+    # Generated plans (models other than the study's): 3x3 conv + 2x2 max-pool as Winograd F(4,3)?
+    # Off: on the VGG built-in (32 and 64 channels, 16-64 tiles per map) it ran at 0.55-0.78x the
+    # direct form's images/s (4 interleaved pairs, 4 images, load 15; VELOX.md). The study's plan
+    # keeps its own Winograd conv2 (64 x 64 channels, 49 tiles).
+    WINOGRAD = False
 
     def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
         super().__init__(weights, device=device, threads=threads)
+        check_model(self.spec)
         self._v = v = velox_runtime.load()
-        self._arrays = arrays = vp.weight_arrays(weights)
-        self._fc2 = v.va.to_velox(vp.fc2_batch(v.pa, arrays))
-        tickets = [vp.ticket_batch(v.pa, arrays, slot) for slot in range(self.TICKETS)]
-        blocks = vp.fc1_block_batches(v.pa, arrays, self.FC1_BLOCKS)
+        self.plan_kind = "study" if is_study(self.spec) else "layers"
+        if self.plan_kind == "study":
+            self._arrays = arrays = vp.weight_arrays(weights)
+            self._fc2 = v.va.to_velox(vp.fc2_batch(v.pa, arrays))
+            tickets = [vp.ticket_batch(v.pa, arrays, slot) for slot in range(self.TICKETS)]
+            blocks = vp.fc1_block_batches(v.pa, arrays, self.FC1_BLOCKS)
+        else:   # any other model: one generated step per layer, all weights on the ticket row
+            self._ops = vl.build_ops(self.spec, weights.arrays, self.WINOGRAD)
+            tickets = [vl.ticket_batch(v.pa, self._ops, slot) for slot in range(self.TICKETS)]
+            blocks = []
         self.fallback = velox_runtime.dwrf_writer_works()
         self._scratch = None
         if self.fallback is None:
             self.source = "table_scan"
             self._scratch = velox_runtime.ScratchFolder()
             self._ticket_schema = vp.schema_of(v.vt, tickets[0])
-            self._block_schema = vp.schema_of(v.vt, blocks[0])
+            self._block_schema = vp.schema_of(v.vt, blocks[0]) if blocks else None
             self._ticket_files = [velox_runtime.write_dwrf(b, self._scratch.new_path(f"ticket{i}"))
                                   for i, b in enumerate(tickets)]
             self._block_files = [velox_runtime.write_dwrf(b, self._scratch.new_path(f"fc1block{i}"))
@@ -87,7 +117,7 @@ class VeloxEngine(Engine):
             blocks = lambda pb: pb.values(self._blocks)  # noqa: E731
         rids = v.va.to_velox(v.pa.record_batch({"qid": v.pa.array(np.arange(n, dtype=np.int64))}))
         return vp.PlanInputs(tickets=tickets, images=v.va.to_velox(vp.image_batch(v.pa, images, slots)),
-                             rids=rids, fc1_blocks=blocks, fc2=self._fc2, blocks=self.FC1_BLOCKS)
+                             rids=rids, fc1_blocks=blocks, fc2=getattr(self, "_fc2", None), blocks=self.FC1_BLOCKS)
 
     def run_stage(self, images: np.ndarray, stage: str, width: int) -> np.ndarray:
         """The output column of `stage` (velox_plan.STAGES) per image, float32 (n, width)."""
@@ -99,15 +129,25 @@ class VeloxEngine(Engine):
             return velox_runtime.rows_by_id(result.batches, vp.OUTPUT[stage], n, width)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        images = check_images(images)
+        images = check_images(images, self.spec.input_shape)
+        classes = self.spec.num_classes
         if len(images) == 0:
-            return np.empty((0, 10), dtype=np.float32)
-        return self.run_stage(images, "softmax", 10)
+            return np.empty((0, classes), dtype=np.float32)
+        if self.plan_kind == "study":
+            return self.run_stage(images, "softmax", classes)
+        inputs = self._inputs(images)
+        plan = vl.forward_plan(self._v.PlanBuilder, self._ops, inputs.tickets, inputs.images)
+        with velox_runtime.execute(plan, max(1, min(self.drivers, len(images))), QUERY_CONFIG) as result:
+            return velox_runtime.rows_by_id(result.batches, "a", len(images), classes)
 
     def profile(self, images: np.ndarray) -> dict[str, float]:
         """Velox's operator CPU time (ms) per stage of one forward pass over `images`."""
-        images = check_images(images)
-        plan = vp.forward_plan(self._v.PlanBuilder, self._inputs(images))
+        images = check_images(images, self.spec.input_shape)
+        if self.plan_kind == "study":
+            plan = vp.forward_plan(self._v.PlanBuilder, self._inputs(images))
+        else:
+            inputs = self._inputs(images)
+            plan = vl.forward_plan(self._v.PlanBuilder, self._ops, inputs.tickets, inputs.images)
         with velox_runtime.execute(plan, max(1, min(self.drivers, len(images))), QUERY_CONFIG) as result:
             text = result.runner.print_plan_with_stats()
         return stage_cpu_ms(text)
@@ -121,6 +161,7 @@ class VeloxEngine(Engine):
 
         return {**super().describe(), "pyvelox": importlib.metadata.version("pyvelox"), "drivers": self.drivers,
                 "source": self.source, "fallback": self.fallback, "batch_size": self.default_batch_size,
+                "plan": self.plan_kind,
                 "device_note": "Velox runs on the CPU only"}
 
 

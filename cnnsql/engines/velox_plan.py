@@ -111,15 +111,13 @@ def list_array(pa, mat: np.ndarray):
     return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * length), pa.array(mat.ravel()))
 
 
-CONV_WEIGHTS = ["w1r"] + [f"u{x}" for x in range(COMPONENTS)] + ["b2"]
+CONV_WEIGHTS = ["w1", "b1"] + [f"u{x}" for x in range(COMPONENTS)] + ["b2"]
 
 
 def ticket_batch(pa, w: WeightArrays, slot: int):
-    """One ticket row: slot (BIGINT) and the conv weights (w1r 64 x ROW(c1..c28), u0..u35 64x64, b2 12544)."""
-    rows = pa.StructArray.from_arrays([pa.array(np.ascontiguousarray(w.w1[:, k])) for k in range(28)],
-                                      names=[f"c{k + 1}" for k in range(28)])
-    cols = {"slot": pa.array([slot], pa.int64()),
-            "w1r": pa.ListArray.from_arrays(pa.array(np.array([0, 64], np.int32)), rows)}
+    """One ticket row: slot (BIGINT) and the conv weights (w1 64 x 27, b1 64, u0..u35 64 x 64, b2 12544)."""
+    cols = {"slot": pa.array([slot], pa.int64()), "w1": list_array(pa, w.w1[None, :, :27]),
+            "b1": list_array(pa, w.w1[None, :, 27])}
     for x in range(COMPONENTS):
         cols[f"u{x}"] = list_array(pa, w.u[x:x + 1])
     cols["b2"] = list_array(pa, w.b2[None])
@@ -193,16 +191,16 @@ def dot(a: str, b: str) -> str:
 
 
 def conv1_projections(carry: list[str]) -> list[list[str]]:
-    """img (CHW) -> c1 (900 x 64). Patches as rows p1r (900 x ROW(c1..c27), (channel, dy, dx) order),
-    filters as rows w1r (64 x ROW(c1..c28), c28 the bias): each output is one 27-term expression over
-    row fields, flat vectors instead of 57,600 arrays of 27."""
+    """img (CHW) -> c1 (900 x 64). Patches p1 (900 arrays of 27, (channel, dy, dx) order) times the
+    filters w1 (64 arrays of 27) plus b1, each a 27-term dot, ReLU. Measured against the former
+    form (patches and filters as ROW(c1..c27) fields, one 27-term expression): 12.1 against 23.7 ms
+    of operator CPU per image (1 driver, medians of 3 interleaved profiles, 16 images, load 5.5)."""
     fields = ", ".join(f"element_at(x, {c * 1024 + dy * 32 + dx} + (q / 30) * 32 + q % 30 + 1)"
                        for c in range(3) for dy in range(3) for dx in range(3))
-    terms = " + ".join(f"p.c{k + 1} * w.c{k + 1}" for k in range(27))
     return [
-        carry + ["transform(img, v -> v / REAL '255.0') AS x", "w1r"],
-        carry + [f"transform(sequence(0, 899), q -> row_constructor({fields})) AS p1r", "w1r"],
-        carry + [f"transform(p1r, p -> transform(w1r, w -> greatest({terms} + w.c28, {R0}))) AS c1"],
+        carry + ["transform(img, v -> v / REAL '255.0') AS x", "w1", "b1"],
+        carry + [f"transform(sequence(0, 899), q -> ARRAY[{fields}]) AS p1", "w1", "b1"],
+        carry + [f"transform(p1, p -> zip_with(w1, b1, (wk, b) -> greatest({dot('p', 'wk')} + b, {R0}))) AS c1"],
     ]
 
 
@@ -301,6 +299,6 @@ def forward_plan(PlanBuilder, inputs: PlanInputs, until: str = "softmax"):
 
 
 # Which stage a project node belongs to, by the first column it computes (for per-stage profiles).
-STAGE_OF_COLUMN = {"x": "conv1", "p1r": "conv1", "c1": "conv1", "z0": "winograd_in", "v0": "winograd_in",
+STAGE_OF_COLUMN = {"x": "conv1", "p1": "conv1", "c1": "conv1", "z0": "winograd_in", "v0": "winograd_in",
                    "m0": "winograd_dot", "s0_0": "winograd_out", "y0_0": "winograd_out", "h": "winograd_out",
                    "y": "fc1", "f1": "fc1", "lg": "fc2", "e": "softmax", "prob": "softmax"}
