@@ -52,13 +52,25 @@ DO $$ BEGIN
   END IF;
 END $$;
 
--- One row per timed repetition of a run.
+-- Spread and noise (cnnsql/stats.py): the median wall_s above comes with its min and max; cpu_s is the
+-- median user + system CPU of the benchmark's process tree per repetition; noisy: other processes used
+-- more than 10% of the machine's CPU during the timed repetitions, or they spread more than 15%
+-- (detail->'noise_reasons' says which); load_1m: the machine's load average when the session started.
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS cpu_s double precision;
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS wall_min_s double precision;
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS wall_max_s double precision;
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS noisy boolean;
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS load_1m real;
+
+-- One row per timed repetition of a run (in the order they ran: interleaved with the runs they are
+-- compared with).
 CREATE TABLE IF NOT EXISTS bench_repetition (
     run_id  bigint NOT NULL REFERENCES bench_run ON DELETE CASCADE,
     rep     integer NOT NULL,
     wall_s  double precision NOT NULL,
     PRIMARY KEY (run_id, rep)
 );
+ALTER TABLE bench_repetition ADD COLUMN IF NOT EXISTS cpu_s double precision;
 
 -- Training: one row per epoch.
 CREATE TABLE IF NOT EXISTS train_epoch (

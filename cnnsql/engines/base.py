@@ -73,8 +73,16 @@ class Engine(ABC):
         parts = [self.predict_proba(images[i:i + bs]) for i in range(0, len(images), bs)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
+    def executed_batch(self, batch_size: int | None = None) -> int:
+        """Images per framework call for a `predict(..., batch_size)`: an engine that splits a batch
+        into chunks (its `chunk` attribute: torch, TensorFlow) executes the smaller of the two. Logged
+        with every benchmark run, so a batch sweep says what the framework ran."""
+        bs = batch_size or self.default_batch_size
+        chunk = getattr(self, "chunk", None)
+        return min(bs, chunk) if chunk else bs
+
     def describe(self) -> dict:
-        """Versions and settings, logged with every benchmark run."""
+        """Versions and settings, logged with every benchmark run (bench_run.detail->'engine')."""
         return {"engine": self.name, "device": self.device, "threads": self.threads}
 
 
