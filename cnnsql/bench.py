@@ -79,6 +79,8 @@ class Bench:
         self.sql_predictions: dict[str, pd.Series] = {}
         self.sql_runs: dict[str, int] = {}
         self.rows: list[dict] = []
+        self.noise: list[dict] = []            # every run's noise verdict (stats.Clock.verdict)
+        self.load_at_start: list[float] = []
 
     def say(self, msg: str) -> None:
         if self.cfg.progress:
@@ -138,6 +140,9 @@ class Bench:
                         with monitors[s.key]:
                             last[s.key] = clock.time(s.key, s.call)
             out = {s.key: self._figures(s, clock, monitors[s.key]) for s in phase.sides}
+            self.noise += [{"noisy": o["noisy"], **{k: o["detail"][k] for k in ("others_cpu_share", "spread",
+                                                                               "noise_reasons")}}
+                           for o in out.values()]
             for num, den in phase.ratios:
                 out[num]["detail"][f"over_{den}"] = stats.paired_ratio(clock.walls[num], clock.walls[den])
             for s in phase.sides:
@@ -374,6 +379,17 @@ def _opt(value, digits: int) -> str:
     return f"{value:.{digits}f}" if value is not None else "-"
 
 
+def noise_summary(verdicts: list[dict]) -> str:
+    """One line for every run's noise figures: how many were flagged, the worst share and spread."""
+    noisy = [v for v in verdicts if v["noisy"]]
+    if not noisy:
+        return f"no run was noisy ({len(verdicts)} runs)"
+    shares = [v["others_cpu_share"] for v in noisy]
+    spreads = [v["spread"] for v in noisy if any("spread" in r for r in v["noise_reasons"])]
+    return (f"{len(noisy)} of {len(verdicts)} runs NOISY; other processes used up to {100 * max(shares):.0f}% of "
+            f"the machine's CPU" + (f", repetitions spread up to {100 * max(spreads):.0f}%" if spreads else ""))
+
+
 def run_bench(cfg: BenchConfig) -> list[dict]:
     for name in cfg.engines:
         if name not in ENGINES:
@@ -386,7 +402,6 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     finally:
         bench.close()
     print(format_table(rows))
-    noisy = sorted({reason for r in rows for reason in r["noise_reasons"]})
     print(f"(session {bench.session}; load average at start {bench.load_at_start}; {cfg.threads} threads; medians "
           f"of {cfg.repetitions} timed rounds after {cfg.warmup} warm-up, raw / SQL / fetch-only interleaved, "
           "[min-max] over the rounds; SQL/raw = median of per-round ratios; accuracy with its Wilson 95% interval; "
@@ -395,7 +410,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
           "through the batched function, and p50 of one-image queries; all runs are in table bench_run)")
     print(f"noisy = other processes used more than {100 * stats.NOISY_OTHERS_CPU:.0f}% of the machine's CPU "
           f"during a run's timed rounds, or its rounds spread more than {100 * stats.NOISY_SPREAD:.0f}% "
-          "(max-min over median)" + (": " + "; ".join(noisy) if noisy else ": no run was noisy"))
+          f"(max-min over median): {noise_summary(bench.noise)}")
     if exported:
         print(f"results: {exported}")
     return rows

@@ -1,4 +1,4 @@
-"""Subcommands of the benchmark layer: bench, report, shell."""
+"""Subcommands of the benchmark layer: bench, report, shell, results."""
 from __future__ import annotations
 
 import argparse
@@ -124,4 +124,10 @@ def register_shell(sub) -> None:
     s.set_defaults(func=cmd_shell)
 
 
-REGISTER = [register_bench, register_report, register_shell]
+def register_results(sub) -> None:
+    from .results_doc import register_results as register
+
+    register(sub)
+
+
+REGISTER = [register_bench, register_report, register_shell, register_results]

@@ -25,10 +25,10 @@ def train_and_save(conn, framework: str, out: Path, *, epochs=None, batch_size=N
     info = results.dataset_info(conn)
     _, x_train, y_train = data.fetch_split(conn, "train", limit=limit)
     _, x_test, y_test = data.fetch_split(conn, "test")
-    run_id = results.start_run(conn, results.new_session_id(), kind="train", scenario="train", engine=framework,
-                               split="train", n_rows=len(y_train), batch_size=batch_size, threads=threads,
-                               device=device, dataset_kind=info.get("train", {}).get("kind"), weights=str(out))
-    try:
+    spec = dict(kind="train", scenario="train", engine=framework, split="train", n_rows=len(y_train),
+                batch_size=batch_size, threads=threads, device=device,
+                dataset_kind=info.get("train", {}).get("kind"), weights=str(out))
+    with results.logged_run(conn, results.new_session_id(), **spec) as run:
         t0 = time.time()
         arrays, history = train(framework, x_train, y_train, x_test, y_test, epochs=epochs, batch_size=batch_size,
                                 seed=seed, device=device, threads=threads, progress=progress)
@@ -42,12 +42,8 @@ def train_and_save(conn, framework: str, out: Path, *, epochs=None, batch_size=N
         }
         save_weights(out, arrays, manifest)
         total = sum(e["seconds"] for e in epochs_done)
-        results.finish_run(conn, run_id, {"wall_s": total, "images_per_s": len(y_train) * len(epochs_done) / total,
-                                          "accuracy": history["test_accuracy"], "detail": {"history": history}},
-                           epochs=epochs_done)
-    except BaseException as exc:
-        results.fail_run(conn, run_id, repr(exc))
-        raise
+        run.finish({"wall_s": total, "images_per_s": len(y_train) * len(epochs_done) / total,
+                    "accuracy": history["test_accuracy"], "detail": {"history": history}}, epochs=epochs_done)
     print(f"{framework}: test accuracy {history['test_accuracy']:.4f} after {len(epochs_done)} epochs "
           f"({total / len(epochs_done):.1f} s/epoch) -> {out}", file=sys.stderr)
     return history
