@@ -282,7 +282,8 @@ def _save(fig, path: Path) -> Path:
 def placement_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per engine and placement: offline images/s and single-stream p50/p99 (ms), from one session."""
     d = runs[runs.kind.isin(list(PLACEMENTS)) & runs.scenario.isin(["offline", "single-stream"])]
-    off = d[d.scenario == "offline"].set_index(["engine", "kind"])
+    off = d[d.scenario == "offline"].sort_values("n_rows").groupby(["engine", "kind"]).tail(1)  # largest sample
+    off = off.set_index(["engine", "kind"])
     one = d[d.scenario == "single-stream"].set_index(["engine", "kind"])
     rows = [{"engine": e, "placement": PLACEMENTS[k], "images": off.loc[(e, k), "n_rows"],
              "offline images/s": off.loc[(e, k), "images_per_s"],
@@ -293,7 +294,8 @@ def placement_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def claims(runs: pd.DataFrame) -> list[str]:
-    sqlr = runs[(runs.kind == "sql") & (runs.scenario == "offline")].set_index("engine")
+    sqlr = runs[(runs.kind == "sql") & (runs.scenario == "offline")]
+    sqlr = sqlr.sort_values("n_rows").groupby("engine").tail(1).set_index("engine")  # each engine's largest sample
     lines = []
     if not sqlr.empty:
         measured = {e: (f"{sqlr.loc[e, 'latency_ms'] * 10:.1f} s per 10,000 images ("
@@ -403,9 +405,13 @@ def answer(runs: pd.DataFrame) -> list[str]:
     timed = runs[runs.kind.isin(["raw", "sql", "indb"])]
     if "noisy" in timed and timed.noisy.notna().any():
         noisy = timed[timed.noisy.fillna(False).astype(bool)]
-        reasons = sorted({x for _, r in noisy.iterrows() for x in _detail(r).get("noise_reasons", [])})
-        lines.append(f"NOISY: {len(noisy)} of {len(timed)} runs were flagged ({'; '.join(reasons[:3])}); read "
-                     "the intervals, not the medians." if len(noisy) else
+        share = max([_detail(r).get("others_cpu_share") or 0 for _, r in noisy.iterrows()] or [0])
+        spread = max([_detail(r).get("spread") or 0 for _, r in noisy.iterrows()
+                      if any("spread" in x for x in _detail(r).get("noise_reasons", []))] or [0])
+        why = f"other processes used up to {100 * share:.0f}% of the machine's CPU" + (
+            f", repetitions spread up to {100 * spread:.0f}%" if spread else "")
+        lines.append(f"NOISY: {len(noisy)} of {len(timed)} runs were flagged ({why}; thresholds 10% and 15%): "
+                     "read the intervals, not the medians." if len(noisy) else
                      "No run was flagged noisy (other processes under 10% of the CPU, repetitions within 15%).")
     else:
         lines.append("This session predates the noise measurement: its figures carry no noise flag.")

@@ -90,9 +90,10 @@ CREATE OR REPLACE VIEW bench_sql_overhead AS
 SELECT s.session_id, s.engine, s.n_rows, s.threads, s.device,
        r.wall_s AS raw_wall_s, s.wall_s AS sql_wall_s, s.wall_s / r.wall_s AS sql_over_raw,
        r.images_per_s AS raw_images_per_s, s.images_per_s AS sql_images_per_s,
-       s.accuracy, s.agreement, s.cpu_pct, s.gpu_pct, s.peak_rss_mb, s.dataset_kind, s.finished_at
+       s.accuracy, s.agreement, s.cpu_pct, s.gpu_pct, s.peak_rss_mb, s.dataset_kind, s.finished_at,
+       (s.noisy OR r.noisy) AS noisy
 FROM bench_run s
-JOIN bench_run r ON r.session_id = s.session_id AND r.engine = s.engine
+JOIN bench_run r ON r.session_id = s.session_id AND r.engine = s.engine AND r.n_rows = s.n_rows
                 AND r.kind = 'raw' AND r.scenario = 'offline' AND r.status = 'complete'
 WHERE s.kind = 'sql' AND s.scenario = 'offline' AND s.status = 'complete';
 
