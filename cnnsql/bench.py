@@ -68,6 +68,7 @@ class Phase:
     monitor_pid: int | None = None              # whose process tree is ours (default: this process)
     ratios: list[tuple[str, str]] = field(default_factory=list)  # (numerator, denominator) side keys
     after: Callable[[dict], None] | None = None  # called with {key: results} before the runs are logged
+    note: str = ""                              # progress line printed when the phase starts
 
 
 class Bench:
@@ -125,6 +126,8 @@ class Bench:
         {side key: results (with run_id)}. Any failure marks every unfinished run of the phase failed."""
         base = {"split": "test", "threads": self.cfg.threads, "dataset_kind": self.dataset_kind,
                 "weights": str(self.weights), "warmup": phase.warmup, "repetitions": phase.reps}
+        if phase.note:
+            self.say(phase.note)
         monitors = {s.key: ResourceMonitor(pid=phase.monitor_pid) for s in phase.sides}
         with ExitStack() as stack:
             runs = {s.key: stack.enter_context(results.logged_run(self.conn, self.session,
@@ -239,10 +242,10 @@ class Bench:
                       lambda: evadb_session.run(self.cursor, query), n, warm=sql_warm, evaluate=sql_eval),
                  Side("fetch", {**common, "kind": "sql", "scenario": "fetch-only", "query": fetch},
                       lambda: evadb_session.run(self.cursor, fetch), n)]
-        self.say(f"[{name}] offline on {n} images, interleaved raw (batch {bs}) / SQL `{query}` / fetch-only: "
-                 f"{cfg.warmup} warm-up ({warm_n} images) + {cfg.repetitions} timed rounds")
+        note = (f"[{name}] offline on {n} images, interleaved raw (batch {bs}) / SQL `{query}` / fetch-only: "
+                f"{cfg.warmup} warm-up ({warm_n} images) + {cfg.repetitions} timed rounds")
         return Phase(f"{name} offline {n}", sides, cfg.repetitions, cfg.warmup,
-                     ratios=[("sql", "raw"), ("fetch", "raw")], after=components)
+                     ratios=[("sql", "raw"), ("fetch", "raw")], after=components, note=note)
 
     def sweep_phase(self, name: str, engine, common: dict, n: int) -> Phase:
         """Every batch size of the sweep, interleaved; labels say what the framework executed."""
@@ -253,21 +256,21 @@ class Bench:
             sides.append(Side(f"b{b}", {**common, "batch_size": b, "kind": "raw", "scenario": "batch-sweep",
                                         "detail": detail},
                               lambda b=b: engine.predict(self.images[:sweep_n], b), sweep_n))
-        self.say(f"[{name}] raw batch sweep {self.cfg.batch_sizes} (interleaved): {sweep_n} images per point")
-        return Phase(f"{name} batch sweep", sides, max(1, self.cfg.repetitions - 1), 1)
+        return Phase(f"{name} batch sweep", sides, max(1, self.cfg.repetitions - 1), 1,
+                     note=f"[{name}] raw batch sweep {self.cfg.batch_sizes} (interleaved): {sweep_n} images per point")
 
     def single_stream_phases(self, name: str, engine, common: dict, n: int) -> list[Phase]:
         k = type(engine).bench_single_stream or self.cfg.single_stream
         it = iter(range(10**9))
         q1 = query_text("single_stream", function=pgfunctions.sql_name(name), id=7)
-        self.say(f"[{name}] single-stream: {k} one-image raw calls, {self.cfg.sql_single_stream} x `{q1}`")
         one = {**common, "batch_size": 1, "scenario": "single-stream"}
         return [Phase(f"{name} single-stream raw", [Side("raw", {**one, "kind": "raw"},
                                                          lambda: engine.predict(self.images[next(it) % n][None], 1),
-                                                         1)], k, 1),
+                                                         1)], k, 1, note=f"[{name}] single-stream: {k} one-image raw calls"),
                 Phase(f"{name} single-stream SQL", [Side("sql", {**one, "kind": "sql", "query": q1},
                                                          lambda: evadb_session.run(self.cursor, q1), 1)],
-                      self.cfg.sql_single_stream, 1)]
+                      self.cfg.sql_single_stream, 1,
+                      note=f"[{name}] SQL single-stream: {self.cfg.sql_single_stream} x `{q1}`")]
 
     def bench_engine(self, name: str) -> list[dict]:
         """Every phase of one engine, in one loop. One table row per offline size: the engine's own

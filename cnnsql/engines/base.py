@@ -64,13 +64,18 @@ class Engine(ABC):
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N, 3, 32, 32) channel-major -> float32 class probabilities (N, 10)."""
 
-    def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """Probabilities for any number of images, in batches of `batch_size`."""
+    def predict(self, images: np.ndarray, batch_size: int | None = None, on_batch=None) -> np.ndarray:
+        """Probabilities for any number of images, in batches of `batch_size` (the one place a call
+        is split into batches; `on_batch(n)` is told each batch's size, e.g. a progress bar)."""
         images = check_images(images)
         bs = batch_size or self.default_batch_size
         if len(images) == 0:
             return np.zeros((0, 10), dtype=np.float32)
-        parts = [self.predict_proba(images[i:i + bs]) for i in range(0, len(images), bs)]
+        parts = []
+        for i in range(0, len(images), bs):
+            parts.append(self.predict_proba(images[i:i + bs]))
+            if on_batch is not None:
+                on_batch(len(parts[-1]))
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def executed_batch(self, batch_size: int | None = None) -> int:
