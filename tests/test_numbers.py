@@ -151,3 +151,30 @@ def test_engine_declares_its_capabilities(name):
     function = pgfunctions.sql_name(name)
     assert (REPO / "evadb_udfs" / f"{name}_cnn.py").exists()
     assert re.search(rf"CREATE OR REPLACE FUNCTION {function} IMPL", (REPO / "sql" / "evadb_setup.sql").read_text())
+
+
+# --- the one run lifecycle (bench, Ray and training use it) --------------------------------------
+
+def test_run_lifecycle_marks_failed_unfinished_and_complete_runs(conn):
+    from cnnsql import db, results
+
+    db.ensure_schema(conn)
+    session = results.new_session_id()
+    spec = {"kind": "raw", "scenario": "offline", "engine": "torch", "n_rows": 1}
+    with pytest.raises(ValueError):
+        with results.logged_run(conn, session, **spec):
+            raise ValueError("boom")
+    with results.logged_run(conn, session, **spec):
+        pass  # left without results
+    with results.logged_run(conn, session, **spec) as run:
+        run.finish({"wall_s": 2.0, "wall_min_s": 1.5, "wall_max_s": 2.5, "images_per_s": 0.5, "cpu_s": 1.0,
+                    "noisy": False}, repetitions=[1.5, 2.0, 2.5], cpus=[0.9, 1.0, 1.1])
+    with conn.cursor() as cur:
+        cur.execute("SELECT status, detail->>'error' FROM bench_run WHERE session_id = %s ORDER BY run_id", (session,))
+        rows = cur.fetchall()
+        cur.execute("SELECT array_agg(cpu_s ORDER BY rep) FROM bench_repetition WHERE run_id = %s", (run.id,))
+        cpus = cur.fetchone()[0]
+    conn.rollback()
+    assert rows[0][0] == "failed" and "boom" in rows[0][1]
+    assert rows[1] == ("failed", "the run ended without results")
+    assert rows[2] == ("complete", None) and cpus == [0.9, 1.0, 1.1]
