@@ -178,3 +178,19 @@ def test_run_lifecycle_marks_failed_unfinished_and_complete_runs(conn):
     assert rows[0][0] == "failed" and "boom" in rows[0][1]
     assert rows[1] == ("failed", "the run ended without results")
     assert rows[2] == ("complete", None) and cpus == [0.9, 1.0, 1.1]
+
+
+def test_report_on_a_session_without_an_sql_offline_run_is_one_clear_line(conn, tmp_path):
+    """A session whose only SQL run is fetch-only once crashed the report with a traceback."""
+    from conftest import run_cli
+
+    from cnnsql import db, results
+
+    db.ensure_schema(conn)
+    session = results.new_session_id()
+    with results.logged_run(conn, session, kind="sql", scenario="fetch-only", engine="none", n_rows=10) as run:
+        run.finish({"wall_s": 0.1, "wall_min_s": 0.1, "wall_max_s": 0.1, "images_per_s": 100.0},
+                   repetitions=[0.1], cpus=[0.05])
+    proc = run_cli("report", "--out", str(tmp_path / "r"), "--session", session, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("cnnsql: error:") and "no complete SQL offline run" in proc.stderr
