@@ -75,13 +75,18 @@ def render(sessions: list[tuple[str, dict]]) -> str:
     for name, doc in sessions[:MAX_SESSIONS]:
         s, m = doc["settings"] or {}, doc["machine"]
         noisy = [r for r in doc["runs"] if r.get("noisy")]
-        reasons = sorted({x for r in noisy for x in (r.get("detail") or {}).get("noise_reasons", [])})
+        share = max([(r.get("detail") or {}).get("others_cpu_share") or 0 for r in noisy] or [0])
+        spread = max([(r.get("detail") or {}).get("spread") or 0 for r in noisy
+                      if any("spread" in x for x in (r.get("detail") or {}).get("noise_reasons", []))] or [0])
+        why = f"other processes used up to {100 * share:.0f}% of the CPU" + (
+            f", rounds spread up to {100 * spread:.0f}%" if spread else "")
+        weights = Path(s["weights"]).name if s.get("weights") else "the default model"
         out += [f"**Session {doc['session']}** ({doc['started_at'][:16].replace('T', ' ')} UTC, {m['host']}, "
                 f"git {doc.get('git_commit') or '-'}, load average at start "
                 f"{', '.join(map(str, m.get('load_at_start') or [])) or '-'}; {s.get('threads')} threads, "
                 f"{s.get('warmup')} warm-up + {s.get('repetitions')} timed rounds, raw/SQL/fetch interleaved; "
-                f"file `results/sessions/{name}`): "
-                + (f"{len(noisy)} of {len(doc['runs'])} runs **noisy** ({'; '.join(reasons[:2])})." if noisy else
+                f"weights {weights}; file `results/sessions/{name}`): "
+                + (f"{len(noisy)} of {len(doc['runs'])} runs **noisy** ({why})." if noisy else
                    "no run flagged noisy."), ""]
         out += _table(["engine", "images", "raw img/s [min-max]", "SQL img/s [min-max]", "SQL/raw [min-max]",
                        "accuracy [95% CI]", "noisy"], offline_rows(doc))
