@@ -348,8 +348,8 @@ def row_of(name: str, n: int, off: dict, single: dict, single_sql: dict, indb: d
             "accuracy_ci95": sql["detail"]["accuracy_ci95"], "p50_ms": single["p50_ms"], "p99_ms": single["p99_ms"],
             "sql_p50_ms": single_sql["p50_ms"], "raw_cpu_s": raw["cpu_s"], "sql_cpu_s": sql["cpu_s"],
             "cpu_pct": sql["cpu_pct"], "rss_mb": sql["peak_rss_mb"], "gpu_pct": sql["gpu_pct"],
-            "noisy": any(v["noisy"] for v in off.values()),
-            "noise_reasons": sorted({r for v in off.values() for r in v["detail"]["noise_reasons"]}), **indb}
+            "noisy": raw["noisy"] or sql["noisy"],  # the figures of the row (fetch-only is a component)
+            "noise_reasons": sorted({r for v in (raw, sql) for r in v["detail"]["noise_reasons"]}), **indb}
 
 
 def _range(v: list[float], digits: int = 0) -> str:

@@ -7,7 +7,10 @@ their min and max; an accuracy carries its Wilson 95% interval and sample size.
 A run is **noisy** when, during its timed repetitions, processes outside the benchmark's process
 tree used more than NOISY_OTHERS_CPU of the machine's CPU time, or when its repetitions spread
 (max - min) / median more than NOISY_SPREAD. Single-stream phases (one-image calls whose spread is
-the latency distribution itself) are judged by the first rule only.
+the latency distribution itself) and runs whose median call is shorter than MIN_JUDGE_S (a 30 ms
+fetch jitters more than 15% on an idle machine) are judged by the first rule only; a phase whose
+timed calls last less than MIN_JUDGE_S in all is judged by neither (the kernel's CPU counters tick
+every 10 ms: too coarse to split so short a window), and says so.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import psutil
 
 NOISY_SPREAD = 0.15        # (max - min) / median of a run's timed repetitions
 NOISY_OTHERS_CPU = 0.10    # share of the machine's CPU used outside the benchmark's process tree
+MIN_JUDGE_S = 1.0          # shorter runs / phases are not judged by the spread / by either rule
 
 
 def summary(values) -> dict:
@@ -142,13 +146,18 @@ class Clock:
     def verdict(self, key: str, judge_spread: bool = True) -> dict:
         """One side's noise figures and flag, with the reasons that set it."""
         share = self.others_share()
-        sp = spread(self.walls[key])
+        walls = self.walls[key]
+        sp = spread(walls)
         reasons = []
-        if share > NOISY_OTHERS_CPU:
-            reasons.append(f"other processes used {100 * share:.0f}% of the machine's CPU "
-                           f"(threshold {100 * NOISY_OTHERS_CPU:.0f}%)")
-        if judge_spread and sp > NOISY_SPREAD:
+        if self._window[1] < MIN_JUDGE_S:
+            reasons_not = [f"phase too short to judge ({1000 * self._window[1]:.0f} ms timed)"]
+        else:
+            reasons_not = []
+            if share > NOISY_OTHERS_CPU:
+                reasons.append(f"other processes used {100 * share:.0f}% of the machine's CPU "
+                               f"(threshold {100 * NOISY_OTHERS_CPU:.0f}%)")
+        if judge_spread and statistics.median(walls) >= MIN_JUDGE_S and sp > NOISY_SPREAD:
             reasons.append(f"repetitions spread {100 * sp:.0f}% (max-min over median; threshold "
                            f"{100 * NOISY_SPREAD:.0f}%)")
         return {"noisy": bool(reasons), "others_cpu_share": round(share, 4), "spread": round(sp, 4),
-                "noise_reasons": reasons}
+                "noise_reasons": reasons, **({"noise_not_judged": reasons_not[0]} if reasons_not else {})}

@@ -45,6 +45,12 @@ def test_component_times_are_never_negative():
     assert out["evadb_other_s"] == pytest.approx(0.04) and out["components_exceed_s"] == 0.0
 
 
+def busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def test_clock_counts_its_own_cpu_and_flags_a_competing_process():
     """A process spinning outside the benchmark's tree (reparented, as a user's other work is) makes
     the phase noisy; the benchmark's own busy loop is counted as its CPU, not as others'."""
@@ -55,7 +61,7 @@ def test_clock_counts_its_own_cpu_and_flags_a_competing_process():
         time.sleep(0.3)
         with stats.Clock() as clock:
             for _ in range(3):
-                clock.time("busy", lambda: sum(range(2_000_000)))
+                clock.time("busy", lambda: busy(0.4))  # 1.2 s in all: long enough to judge
         verdict = clock.verdict("busy")
     finally:
         subprocess.run(["kill", str(pid)])
@@ -75,6 +81,12 @@ def test_spread_threshold_flags_and_single_stream_is_exempt():
     v = clock.verdict("a")
     assert v["spread"] == 0.5 and any("spread" in r for r in v["noise_reasons"])
     assert not any("spread" in r for r in clock.verdict("a", judge_spread=False)["noise_reasons"])
+    # a short run's spread (a 30 ms fetch) and a short phase's CPU shares are not judged, and it says so
+    clock.walls["b"] = [0.03, 0.03, 0.05]
+    assert clock.verdict("b")["noise_reasons"] == []
+    clock._window = (0.2, 0.3)
+    v = clock.verdict("a")
+    assert not any("other processes" in r for r in v["noise_reasons"]) and "too short" in v["noise_not_judged"]
 
 
 def row(engine="torch", noisy=False):
