@@ -105,8 +105,8 @@ class Clock:
     """Times the calls of one phase: wall and process-tree CPU per call, per key (the interleaved
     sides of a comparison), and what the rest of the machine used over the phase's timed window.
 
-    `pid`: the process whose tree is the benchmark's (default: this one; a PostgreSQL backend for the
-    in-database placement)."""
+    `pid`: a process whose tree also counts as the benchmark's (a PostgreSQL backend for the
+    in-database placement); this process and its children always do."""
 
     def __init__(self, pid: int | None = None):
         self._pid = pid
@@ -117,7 +117,8 @@ class Clock:
         self._window = None
 
     def __enter__(self):
-        self._procs = process_tree(psutil.Process(self._pid) if self._pid else None)
+        # ours: this process and its children, plus (in-database placement) the backend and its children
+        self._procs = process_tree(None) + (process_tree(psutil.Process(self._pid)) if self._pid else [])
         self._window = (machine_busy_s(), time.perf_counter())
         return self
 
