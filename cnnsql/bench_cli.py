@@ -1,4 +1,4 @@
-"""Subcommands of the benchmark layer: bench, report, shell."""
+"""Subcommands of the benchmark layer: bench, report, shell, results."""
 from __future__ import annotations
 
 import argparse
@@ -33,12 +33,12 @@ def _engines(text: str) -> list[str]:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchConfig, run_bench
+    from dataclasses import fields
 
-    cfg = BenchConfig(engines=args.engines, weights=args.weights, repetitions=args.repetitions, warmup=args.warmup,
-                      threads=args.threads, device=args.device, limit=args.limit, sample=args.sample, full=args.full,
-                      batch_sizes=args.batch_sizes, single_stream=args.single_stream,
-                      sql_single_stream=args.sql_single_stream, train_epochs=args.train_epochs,
+    from .bench import run_bench
+    from .bench_config import BenchConfig
+
+    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)},
                       progress=not args.quiet)
     if args.cluster == "ray":
         from .ray_runner import run_ray
@@ -50,24 +50,43 @@ def cmd_bench(args) -> int:
 
 
 def register_bench(sub) -> None:
+    from .bench_config import BenchConfig
+
+    d = BenchConfig()  # the one place the defaults are defined
+
+    def csv(values) -> str:
+        return ",".join(map(str, values))
+
     b = sub.add_parser("bench", help="run every benchmark query for every engine, log to PostgreSQL, print a table")
-    b.add_argument("--engines", type=_engines, default=["torch", "tensorflow", "velox"],
-                   help="comma-separated (default: torch,tensorflow,velox)")
-    b.add_argument("--weights", type=Path, default=None,
+    b.add_argument("--engines", type=_engines, default=d.engines, help=f"comma-separated (default: {csv(d.engines)})")
+    b.add_argument("--weights", type=Path, default=d.weights,
                    help="weights file (default: $CNNSQL_WEIGHTS or .cnnsql/weights/default.npz, trained if missing)")
-    b.add_argument("--repetitions", type=_count(1), default=None,
-                   help="timed repetitions per phase (default 3; an engine may declare fewer: Velox 2)")
-    b.add_argument("--warmup", type=_count(0), default=1, help="untimed warm-up calls per phase (default 1)")
-    b.add_argument("--threads", type=_count(1), default=2, help="intra-op threads / Velox drivers (default 2)")
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch/tensorflow device")
-    b.add_argument("--limit", type=_count(1), default=None, help="test images for torch/tensorflow (default: all)")
-    b.add_argument("--sample", "--velox-sample", dest="sample", type=_count(1), default=None,
-                   help="test images for engines that declare a default sample (Velox: the first 1,000)")
-    b.add_argument("--full", action="store_true", help="every engine on every test image (Velox too)")
-    b.add_argument("--batch-sizes", type=_int_list, default=[1, 16, 64, 256], help="raw batch-size sweep")
-    b.add_argument("--single-stream", type=_count(1), default=100, help="one-image raw calls (Velox: 10)")
-    b.add_argument("--sql-single-stream", type=_count(1), default=5, help="one-image SQL queries per engine")
-    b.add_argument("--train-epochs", type=_count(1), default=2, help="epochs of the default model if no weights exist (2)")
+    b.add_argument("--repetitions", type=_count(1), default=d.repetitions,
+                   help="timed rounds per phase, interleaved across what a phase compares (default 3, or the "
+                        "engine's bench_repetitions: Velox 2)")
+    b.add_argument("--warmup", type=_count(0), default=d.warmup,
+                   help=f"untimed warm-up calls per phase (default {d.warmup})")
+    b.add_argument("--threads", type=_count(1), default=d.threads,
+                   help=f"intra-op threads / Velox drivers (default {d.threads})")
+    b.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="torch/tensorflow device")
+    b.add_argument("--limit", type=_count(1), default=d.limit,
+                   help="test images for engines without a default sample (default: all)")
+    b.add_argument("--sample", "--velox-sample", dest="sample", type=_count(1), default=d.sample,
+                   help="test images for engines that declare a default sample (bench_sample); every other engine "
+                        "also runs this sample, so one row compares all engines on identical work")
+    b.add_argument("--full", action="store_true", help="every engine on every test image")
+    b.add_argument("--batch-sizes", type=_int_list, default=d.batch_sizes,
+                   help=f"raw batch-size sweep (default {csv(d.batch_sizes)})")
+    b.add_argument("--single-stream", type=_count(1), default=d.single_stream,
+                   help=f"one-image raw calls (default {d.single_stream}, or the engine's bench_single_stream)")
+    b.add_argument("--sql-single-stream", type=_count(1), default=d.sql_single_stream,
+                   help=f"one-image SQL queries per engine (default {d.sql_single_stream})")
+    b.add_argument("--train-epochs", type=_count(1), default=d.train_epochs,
+                   help=f"epochs of the default model if no weights exist (default {d.train_epochs})")
+    b.add_argument("--results-dir", type=Path, default=d.results_dir,
+                   help=f"folder for the session's JSON results file (default {d.results_dir})")
+    b.add_argument("--no-results-file", dest="results_dir", action="store_const", const=None,
+                   help="do not write the JSON results file")
     b.add_argument("--cluster", choices=["local", "ray"], default="local",
                    help="local: EvaDB SQL benchmark in this process; ray: engines as Ray actors over shards")
     b.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
@@ -106,4 +125,10 @@ def register_shell(sub) -> None:
     s.set_defaults(func=cmd_shell)
 
 
-REGISTER = [register_bench, register_report, register_shell]
+def register_results(sub) -> None:
+    from .results_doc import register_results as register
+
+    register(sub)
+
+
+REGISTER = [register_bench, register_report, register_shell, register_results]

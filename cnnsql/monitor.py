@@ -52,6 +52,8 @@ class ResourceMonitor:
                 continue
 
     def __enter__(self):
+        """Re-enterable: samples of every entry accumulate (a phase's interleaved calls)."""
+        self._stop = threading.Event()
         for p in self._tree():
             try:
                 p.cpu_percent(None)

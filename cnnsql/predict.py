@@ -13,13 +13,9 @@ from .weights import load_weights
 
 
 def predict_images(engine, images: np.ndarray, batch_size: int | None = None, progress: bool = True) -> np.ndarray:
-    bs = batch_size or engine.default_batch_size
-    out = np.empty((len(images), 10), dtype=np.float32)
+    """The engine's batched predict (Engine.predict splits the call), with a progress bar."""
     with tqdm(total=len(images), unit="img", desc=f"predict {engine.name}", disable=not progress) as bar:
-        for i in range(0, len(images), bs):
-            out[i:i + bs] = engine.predict(images[i:i + bs], batch_size=bs)
-            bar.update(len(images[i:i + bs]))
-    return out
+        return engine.predict(images, batch_size, on_batch=bar.update)
 
 
 def write_csv(path, ids, labels, probs) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from psycopg2 import sql
 
-from . import db, evadb_function, ray_local, results
+from . import db, evadb_function, ray_local, results, stats
 from .engines import engine_class
 from .errors import CnnsqlError
 from .monitor import ResourceMonitor
@@ -165,37 +165,45 @@ def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, 
     threads = max(1, cfg.threads // workers)
     batch = engine_class(engine).default_batch_size
     shards = _shards(n, workers * 4)
-    run_id = results.start_run(
-        conn, session, kind="ray", scenario="offline", engine=engine, split="test", n_rows=n, batch_size=batch,
-        threads=threads, device="cpu", warmup=1, repetitions=cfg.reps(), workers=workers, cluster=cluster,
-        dataset_kind=kind, weights=weights,
-        query="SELECT id, img FROM cifar_image WHERE split = 'test' AND id >= %s AND id < %s ORDER BY id")
+    # Warm-up: each actor predicts 2 blank images before the timed passes (the engine's first call pays
+    # its compilation); no untimed pass over the shards, so the run records warmup = 0.
+    spec = dict(kind="ray", scenario="offline", engine=engine, split="test", n_rows=n, batch_size=batch,
+                threads=threads, device="cpu", warmup=0, repetitions=cfg.reps(), workers=workers,
+                cluster=cluster, dataset_kind=kind, weights=weights,
+                query="SELECT id, img FROM cifar_image WHERE split = 'test' AND id >= %s AND id < %s ORDER BY id")
     actors = []
-    try:
-        actors = [Actor.options(num_cpus=threads).remote(*actor_args(engine, weights_ref, threads, *where))
-                  for _ in range(workers)]
-        ray.get([a.warmup.remote() for a in actors])
-        if cfg.progress:
-            print(f"[ray {engine} x{workers}] {n} images in {len(shards)} shards, pids "
-                  f"{ray.get([a.pid.remote() for a in actors])}", file=sys.stderr, flush=True)
-        walls = []
-        with ResourceMonitor() as mon:
-            for _ in range(cfg.reps()):
-                t0 = time.perf_counter()
+    with results.logged_run(conn, session, **spec) as run:
+        try:
+            actors = [Actor.options(num_cpus=threads).remote(*actor_args(engine, weights_ref, threads, *where))
+                      for _ in range(workers)]
+            ray.get([a.warmup.remote() for a in actors])
+            if cfg.progress:
+                print(f"[ray {engine} x{workers}] {n} images in {len(shards)} shards, pids "
+                      f"{ray.get([a.pid.remote() for a in actors])}", file=sys.stderr, flush=True)
+
+            def one_pass():
                 pool = ActorPool(actors)
-                done = list(pool.map_unordered(lambda a, s: a.run_shard.remote(run_id, table, s[0], s[1], batch),
+                return list(pool.map_unordered(lambda a, s: a.run_shard.remote(run.id, table, s[0], s[1], batch),
                                                shards))
-                walls.append(time.perf_counter() - t0)
-        check_complete(conn, table, run_id, n)
-        results.check_dataset(conn, version, f"Ray run {run_id}")
-        wall = statistics.median(walls)
-        res = {"wall_s": wall, "images_per_s": n / wall, "latency_ms": 1000 * wall / n, **mon.summary(),
-               "detail": {"shards": len(shards), "workers_seen": sorted({d["worker"] for d in done})}}
-        results.finish_run(conn, run_id, res, repetitions=walls)
-    except BaseException as exc:
-        results.fail_run(conn, run_id, repr(exc))
-        raise
-    finally:
-        for a in actors:
-            ray.kill(a)
-    return {"engine": engine, "workers": workers, "n": n, "wall_s": wall, "images_per_s": n / wall, "run_id": run_id}
+
+            with ResourceMonitor() as mon, stats.Clock() as clock:  # the driver's tree holds local Ray's workers
+                for _ in range(cfg.reps()):
+                    done = clock.time("ray", one_pass)
+            check_complete(conn, table, run.id, n)
+            results.check_dataset(conn, version, f"Ray run {run.id}")
+            walls = clock.walls["ray"]
+            wall = stats.summary(walls)
+            verdict = clock.verdict("ray")
+            res = {"wall_s": wall["median"], "wall_min_s": wall["min"], "wall_max_s": wall["max"],
+                   "images_per_s": n / wall["median"], "latency_ms": 1000 * wall["median"] / n, **mon.summary(),
+                   "cpu_s": statistics.median(clock.cpus["ray"]), "noisy": verdict.pop("noisy"),
+                   "load_1m": (stats.load_average() or [None])[0],
+                   "detail": {"shards": len(shards), "workers_seen": sorted({d["worker"] for d in done}),
+                              "actor_warmup": "one predict of 2 blank images per actor, untimed", **verdict,
+                              "executed_batch": batch}}
+            run.finish(res, repetitions=walls, cpus=clock.cpus["ray"])
+        finally:
+            for a in actors:
+                ray.kill(a)
+    wall = wall["median"]
+    return {"engine": engine, "workers": workers, "n": n, "wall_s": wall, "images_per_s": n / wall, "run_id": run.id}

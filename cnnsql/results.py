@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import psycopg2
 from psycopg2 import sql
@@ -14,7 +17,8 @@ from .errors import CnnsqlError
 RUN_FIELDS = ("kind", "scenario", "engine", "query", "split", "n_rows", "batch_size", "threads", "device",
               "warmup", "repetitions", "workers", "cluster", "dataset_kind", "weights", "detail")
 RESULT_FIELDS = ("wall_s", "images_per_s", "latency_ms", "p50_ms", "p90_ms", "p99_ms", "accuracy", "agreement",
-                 "peak_rss_mb", "cpu_pct", "gpu_pct", "detail")
+                 "peak_rss_mb", "cpu_pct", "gpu_pct", "detail", "cpu_s", "wall_min_s", "wall_max_s", "noisy",
+                 "load_1m")
 
 
 def new_session_id() -> str:
@@ -41,7 +45,8 @@ def start_run(conn, session_id: str, **fields) -> int:
     return run_id
 
 
-def finish_run(conn, run_id: int, results: dict, repetitions: list[float] = (), epochs: list[dict] = ()) -> None:
+def finish_run(conn, run_id: int, results: dict, repetitions: list[float] = (), epochs: list[dict] = (),
+               cpus: list[float] = ()) -> None:
     unknown = set(results) - set(RESULT_FIELDS)
     if unknown:
         raise ValueError(f"unknown result fields {unknown}")
@@ -51,8 +56,9 @@ def finish_run(conn, run_id: int, results: dict, repetitions: list[float] = (), 
     cols = list(results)
     sets = sql.SQL("").join(sql.SQL("{} = %s, ").format(sql.Identifier(c)) for c in cols)
     with conn.cursor() as cur:
-        cur.executemany("INSERT INTO bench_repetition (run_id, rep, wall_s) VALUES (%s, %s, %s)",
-                        [(run_id, i, w) for i, w in enumerate(repetitions)])
+        cpus = list(cpus) or [None] * len(repetitions)
+        cur.executemany("INSERT INTO bench_repetition (run_id, rep, wall_s, cpu_s) VALUES (%s, %s, %s, %s)",
+                        [(run_id, i, w, c) for i, (w, c) in enumerate(zip(repetitions, cpus))])
         cur.executemany("INSERT INTO train_epoch (run_id, epoch, seconds, loss, accuracy) VALUES (%s, %s, %s, %s, %s)",
                         [(run_id, e["epoch"], e["seconds"], e.get("loss"), e.get("accuracy")) for e in epochs])
         cur.execute(sql.SQL("UPDATE bench_run SET {}status = 'complete', finished_at = now() "
@@ -61,6 +67,33 @@ def finish_run(conn, run_id: int, results: dict, repetitions: list[float] = (), 
         if cur.rowcount != 1:
             raise RuntimeError(f"run {run_id} is not running any more")
     conn.commit()
+
+
+class Run:
+    """One row of bench_run in the making: `finish` logs its results and marks it complete."""
+
+    def __init__(self, conn, session_id: str, **fields):
+        self.conn = conn
+        self.id = start_run(conn, session_id, **fields)
+        self.finished = False
+
+    def finish(self, results: dict, **series) -> None:
+        finish_run(self.conn, self.id, results, **series)
+        self.finished = True
+
+
+@contextmanager
+def logged_run(conn, session_id: str, **fields) -> Iterator[Run]:
+    """The one run lifecycle (bench, Ray, training): 'running' on entry; `run.finish(...)` inside the
+    block marks it complete; an exception, or leaving the block unfinished, marks it failed."""
+    run = Run(conn, session_id, **fields)
+    try:
+        yield run
+    except BaseException as exc:
+        fail_run(conn, run.id, repr(exc))
+        raise
+    if not run.finished:
+        fail_run(conn, run.id, "the run ended without results")
 
 
 def fail_run(conn, run_id: int, error: str) -> None:
@@ -100,3 +133,74 @@ def check_dataset(conn, version: tuple, what: str) -> None:
     if dataset_version(conn) != version:
         raise CnnsqlError(f"{what}: the dataset was reloaded while the run was going, so its figures would mix "
                           "two datasets; the run is marked failed", "rerun it when no `cnnsql load` is running")
+
+
+SESSION_FORMAT = "cnnsql-bench-session/1"
+
+
+def export_session(conn, session_id: str, out_dir, settings=None) -> "Path":
+    """One JSON file for a complete benchmark session (in the spirit of ClickBench's committed results):
+    machine, versions, commit, settings and every run with every repetition. Returns its path."""
+    import dataclasses
+    import os
+    import platform
+    from pathlib import Path
+
+    import psutil
+
+    with conn.cursor() as cur:
+        cur.execute("SELECT * FROM bench_run WHERE session_id = %s AND status = 'complete' ORDER BY run_id",
+                    (session_id,))
+        cols = [d[0] for d in cur.description]
+        runs = [dict(zip(cols, r)) for r in cur.fetchall()]
+        cur.execute("SELECT p.run_id, p.rep, p.wall_s, p.cpu_s FROM bench_repetition p JOIN bench_run r "
+                    "USING (run_id) WHERE r.session_id = %s ORDER BY p.run_id, p.rep", (session_id,))
+        reps = cur.fetchall()
+    conn.rollback()
+    if not runs:
+        raise CnnsqlError(f"session {session_id} has no complete run to export", "run `cnnsql bench`")
+    by_run: dict[int, list] = {}
+    for run_id, rep, wall, cpu in reps:
+        by_run.setdefault(run_id, []).append({"wall_s": wall, "cpu_s": cpu})
+    first = runs[0]
+    shared = ("session_id", "host", "versions", "git_commit")
+    doc = {
+        "format": SESSION_FORMAT,
+        "session": session_id,
+        "started_at": first["started_at"].isoformat(),
+        "finished_at": max(r["finished_at"] for r in runs).isoformat(),
+        "machine": {"host": first["host"], "platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                    "load_at_start": (first["detail"] or {}).get("load_at_start")},
+        "versions": first["versions"],
+        "git_commit": first["git_commit"],
+        "settings": _plain(dataclasses.asdict(settings)) if dataclasses.is_dataclass(settings) else settings,
+        "runs": [{**{k: _plain(v) for k, v in r.items() if k not in shared},
+                  "repetition_values": by_run.get(r["run_id"], [])} for r in runs],
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{first['started_at']:%Y%m%dT%H%M%S}-{session_id}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _plain(value):
+    """JSON-ready: paths and timestamps as text, numpy/Decimal numbers as floats."""
+    import datetime
+    import decimal
+    from pathlib import PurePath
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    return value

@@ -29,11 +29,10 @@ def train_and_save(conn, framework: str, out: Path, *, epochs=None, batch_size=N
     info = results.dataset_info(conn) if ds.name == datasets.DEFAULT else {"dataset": ds.name, "kind": ds.kind}
     _, x_train, y_train = datasets.fetch_split(conn, ds, "train", limit=limit)
     _, x_test, y_test = datasets.fetch_split(conn, ds, "test")
-    run_id = results.start_run(conn, results.new_session_id(), kind="train", scenario="train", engine=framework,
-                               split="train", n_rows=len(y_train), batch_size=batch_size, threads=threads,
-                               device=device, dataset_kind=info.get("train", {}).get("kind", ds.kind),
-                               weights=str(out))
-    try:
+    run_spec = dict(kind="train", scenario="train", engine=framework, split="train", n_rows=len(y_train),
+                    batch_size=batch_size, threads=threads, device=device,
+                    dataset_kind=info.get("train", {}).get("kind", ds.kind), weights=str(out))
+    with results.logged_run(conn, results.new_session_id(), **run_spec) as run:
         t0 = time.time()
         arrays, history = train(framework, x_train, y_train, x_test, y_test, epochs=epochs, batch_size=batch_size,
                                 seed=seed, device=device, threads=threads, progress=progress, spec=spec)
@@ -47,12 +46,8 @@ def train_and_save(conn, framework: str, out: Path, *, epochs=None, batch_size=N
         }
         save_weights(out, arrays, manifest, spec)
         total = sum(e["seconds"] for e in epochs_done)
-        results.finish_run(conn, run_id, {"wall_s": total, "images_per_s": len(y_train) * len(epochs_done) / total,
-                                          "accuracy": history["test_accuracy"], "detail": {"history": history}},
-                           epochs=epochs_done)
-    except BaseException as exc:
-        results.fail_run(conn, run_id, repr(exc))
-        raise
+        run.finish({"wall_s": total, "images_per_s": len(y_train) * len(epochs_done) / total,
+                    "accuracy": history["test_accuracy"], "detail": {"history": history}}, epochs=epochs_done)
     print(f"{framework} {spec.name} on {ds.name}: test accuracy {history['test_accuracy']:.4f} after {len(epochs_done)} epochs "
           f"({total / len(epochs_done):.1f} s/epoch) -> {out}", file=sys.stderr)
     return history

@@ -52,13 +52,25 @@ DO $$ BEGIN
   END IF;
 END $$;
 
--- One row per timed repetition of a run.
+-- Spread and noise (cnnsql/stats.py): the median wall_s above comes with its min and max; cpu_s is the
+-- median user + system CPU of the benchmark's process tree per repetition; noisy: other processes used
+-- more than 10% of the machine's CPU during the timed repetitions, or they spread more than 15%
+-- (detail->'noise_reasons' says which); load_1m: the machine's load average when the session started.
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS cpu_s double precision;
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS wall_min_s double precision;
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS wall_max_s double precision;
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS noisy boolean;
+ALTER TABLE bench_run ADD COLUMN IF NOT EXISTS load_1m real;
+
+-- One row per timed repetition of a run (in the order they ran: interleaved with the runs they are
+-- compared with).
 CREATE TABLE IF NOT EXISTS bench_repetition (
     run_id  bigint NOT NULL REFERENCES bench_run ON DELETE CASCADE,
     rep     integer NOT NULL,
     wall_s  double precision NOT NULL,
     PRIMARY KEY (run_id, rep)
 );
+ALTER TABLE bench_repetition ADD COLUMN IF NOT EXISTS cpu_s double precision;
 
 -- Training: one row per epoch.
 CREATE TABLE IF NOT EXISTS train_epoch (
@@ -78,9 +90,10 @@ CREATE OR REPLACE VIEW bench_sql_overhead AS
 SELECT s.session_id, s.engine, s.n_rows, s.threads, s.device,
        r.wall_s AS raw_wall_s, s.wall_s AS sql_wall_s, s.wall_s / r.wall_s AS sql_over_raw,
        r.images_per_s AS raw_images_per_s, s.images_per_s AS sql_images_per_s,
-       s.accuracy, s.agreement, s.cpu_pct, s.gpu_pct, s.peak_rss_mb, s.dataset_kind, s.finished_at
+       s.accuracy, s.agreement, s.cpu_pct, s.gpu_pct, s.peak_rss_mb, s.dataset_kind, s.finished_at,
+       (s.noisy OR r.noisy) AS noisy
 FROM bench_run s
-JOIN bench_run r ON r.session_id = s.session_id AND r.engine = s.engine
+JOIN bench_run r ON r.session_id = s.session_id AND r.engine = s.engine AND r.n_rows = s.n_rows
                 AND r.kind = 'raw' AND r.scenario = 'offline' AND r.status = 'complete'
 WHERE s.kind = 'sql' AND s.scenario = 'offline' AND s.status = 'complete';
 

@@ -44,6 +44,7 @@ def traversable_tmpdir(prefix: str) -> Path:
 def cnnsql_home():
     base = traversable_tmpdir("cnnsql-test-")
     os.environ["CNNSQL_HOME"] = str(base / "state")
+    os.environ["CNNSQL_RESULTS_DIR"] = str(base / "results")  # `cnnsql bench` JSON files, not in the repo
     yield Path(os.environ["CNNSQL_HOME"])
     from cnnsql import db
 

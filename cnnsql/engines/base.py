@@ -67,17 +67,30 @@ class Engine(ABC):
         """uint8 images (N, C, H, W) channel-major (the model's input shape; (N, 3, 32, 32) for the
         study's CNN) -> float32 class probabilities (N, classes)."""
 
-    def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """Probabilities for any number of images, in batches of `batch_size`."""
+    def predict(self, images: np.ndarray, batch_size: int | None = None, on_batch=None) -> np.ndarray:
+        """Probabilities for any number of images, in batches of `batch_size` (the one place a call
+        is split into batches; `on_batch(n)` is told each batch's size, e.g. a progress bar)."""
         images = check_images(images, self.spec.input_shape)
         bs = batch_size or self.default_batch_size
         if len(images) == 0:
             return np.zeros((0, self.spec.num_classes), dtype=np.float32)
-        parts = [self.predict_proba(images[i:i + bs]) for i in range(0, len(images), bs)]
+        parts = []
+        for i in range(0, len(images), bs):
+            parts.append(self.predict_proba(images[i:i + bs]))
+            if on_batch is not None:
+                on_batch(len(parts[-1]))
         return np.concatenate(parts).astype(np.float32, copy=False)
 
+    def executed_batch(self, batch_size: int | None = None) -> int:
+        """Images per framework call for a `predict(..., batch_size)`: an engine that splits a batch
+        into chunks (its `chunk` attribute: torch, TensorFlow) executes the smaller of the two. Logged
+        with every benchmark run, so a batch sweep says what the framework ran."""
+        bs = batch_size or self.default_batch_size
+        chunk = getattr(self, "chunk", None)
+        return min(bs, chunk) if chunk else bs
+
     def describe(self) -> dict:
-        """Versions and settings, logged with every benchmark run."""
+        """Versions and settings, logged with every benchmark run (bench_run.detail->'engine')."""
         return {"engine": self.name, "device": self.device, "threads": self.threads}
 
 

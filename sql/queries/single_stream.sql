@@ -1,2 +1,2 @@
 -- Single-stream scenario: one image per query (the WHERE is pushed down to PostgreSQL).
-SELECT id, TorchCNN(img) FROM pg.cifar_test WHERE id = 7;
+SELECT id, $function(img) FROM pg.cifar_test WHERE id = $id;

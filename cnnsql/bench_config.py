@@ -1,0 +1,48 @@
+"""`cnnsql bench`'s settings and their defaults, defined once (the CLI reads them from here). Light:
+importing it loads no framework and no EvaDB."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engines import ENGINES, engine_class
+
+
+@dataclass
+class BenchConfig:
+    """Every default of `cnnsql bench` (the CLI reads them from here)."""
+    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+    weights: Path | None = None
+    repetitions: int | None = None     # timed rounds per phase (default: the engine's bench_repetitions, else 3)
+    warmup: int = 1
+    threads: int = 2
+    device: str = "cpu"
+    limit: int | None = None            # test images for engines without a bench_sample (default: all)
+    sample: int | None = None           # test images for engines with a bench_sample (default: theirs)
+    full: bool = False                  # every engine on every test image
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
+    sweep_images: int = 1024            # images per batch-size point (or the engine's bench_sweep_images)
+    single_stream: int = 100            # one-image calls for the latency scenario (or bench_single_stream)
+    sql_single_stream: int = 5          # one-image SQL queries
+    train_epochs: int = 2               # when no weights exist: a short default model
+    results_dir: Path | None = field(default_factory=lambda: default_results_dir())  # a JSON file per session
+    progress: bool = True
+
+    def n_images(self, engine: str, available: int) -> int:
+        """The first N test images: the engine's declared sample (a prefix, so shared by every engine)."""
+        default = engine_class(engine).bench_sample
+        if self.full:
+            return available
+        return min((self.limit or available) if default is None else (self.sample or default), available)
+
+    def reps(self, engine: str | None = None) -> int:
+        """Timed rounds per phase: --repetitions, else the engine's declared default, else 3."""
+        declared = engine_class(engine).bench_repetitions if engine else None
+        return self.repetitions or declared or 3
+
+
+def default_results_dir() -> Path:
+    """Where each complete session's JSON file goes: $CNNSQL_RESULTS_DIR, else results/sessions (in the
+    current folder: the repository for `make bench-sql`, where the files are committed)."""
+    return Path(os.environ.get("CNNSQL_RESULTS_DIR") or "results/sessions")

@@ -1,2 +1,0 @@
--- Single-stream scenario: one image per query (the WHERE is pushed down to PostgreSQL).
-SELECT id, VeloxCNN(img) FROM pg.cifar_test WHERE id = 7;

@@ -1,0 +1,208 @@
+"""Numbers a skeptic can trust, without a database: spreads and intervals, the noise rule, component
+shares that are never negative, the README tables against the committed results files, and one
+conformance check of what every registered engine declares."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cnnsql import bench_config, pgfunctions, results_doc, stats
+from cnnsql.bench import format_table, split_other
+from cnnsql.engines import ENGINES, engine_class
+from cnnsql.errors import CnnsqlError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_summary_spread_and_paired_ratio():
+    assert stats.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert stats.spread([1.0, 1.0]) == 0.0 and stats.spread([0.9, 1.0, 1.2]) == pytest.approx(0.3)
+    # per-pair ratios, not a ratio of medians: a slow first pair shows up in the range
+    r = stats.paired_ratio([2.0, 1.1, 1.2], [1.0, 1.0, 1.0])
+    assert r["median"] == pytest.approx(1.2) and r["min"] == pytest.approx(1.1) and r["max"] == 2.0
+
+
+def test_wilson_interval():
+    lo, hi = stats.wilson(700, 1000)
+    assert 0.67 < lo < 0.70 < hi < 0.73
+    assert stats.wilson(0, 10)[0] == 0.0 and stats.wilson(10, 10)[1] == 1.0
+    assert stats.wilson(0, 0) == (0.0, 1.0)
+    # fewer images, wider interval: 48 Velox images say far less than 10,000
+    assert (lambda a, b: a[1] - a[0] > b[1] - b[0])(stats.wilson(36, 48), stats.wilson(7500, 10000))
+
+
+def test_component_times_are_never_negative():
+    # the figures of the issue: parts measured apart summed past the total
+    out = split_other(sql_s=2.00, fetch_s=0.30, decode_s=0.10, predict_s=2.29)
+    assert out == {"evadb_other_s": 0.0, "components_exceed_s": pytest.approx(0.69)}
+    out = split_other(2.69, 0.28, 0.09, 2.28)
+    assert out["evadb_other_s"] == pytest.approx(0.04) and out["components_exceed_s"] == 0.0
+
+
+def busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_clock_counts_its_own_cpu_and_flags_a_competing_process():
+    """A process spinning outside the benchmark's tree (reparented, as a user's other work is) makes
+    the phase noisy; the benchmark's own busy loop is counted as its CPU, not as others'."""
+    spin = subprocess.Popen(["setsid", "sh", "-c", f"{sys.executable} -c 'while 1: pass' & echo $!"],
+                            stdout=subprocess.PIPE, text=True)
+    pid = int(spin.stdout.readline())
+    try:
+        time.sleep(0.3)
+        with stats.Clock() as clock:
+            for _ in range(3):
+                clock.time("busy", lambda: busy(0.4))  # 1.2 s in all: long enough to judge
+        verdict = clock.verdict("busy")
+    finally:
+        subprocess.run(["kill", str(pid)])
+        spin.wait()
+    walls, cpus = clock.walls["busy"], clock.cpus["busy"]
+    assert len(walls) == len(cpus) == 3
+    # a single-threaded loop: its CPU time is ours, at most its wall time (one core)
+    assert all(0 < c <= w + 0.02 for c, w in zip(cpus, walls)), (cpus, walls)
+    assert verdict["noisy"] and verdict["others_cpu_share"] > stats.NOISY_OTHERS_CPU
+    assert any("other processes" in r for r in verdict["noise_reasons"])
+
+
+def test_spread_threshold_flags_and_single_stream_is_exempt():
+    clock = stats.Clock()
+    clock.walls["a"], clock.cpus["a"] = [1.0, 1.0, 1.5], [1.0, 1.0, 1.0]
+    clock._window, clock._ours = (3.5, 3.5), 3.0  # no one else ran (busy 3.5 s = ours + 0.5 on 2+ cores)
+    v = clock.verdict("a")
+    assert v["spread"] == 0.5 and any("spread" in r for r in v["noise_reasons"])
+    assert not any("spread" in r for r in clock.verdict("a", judge_spread=False)["noise_reasons"])
+    # a short run's spread (a 30 ms fetch) and a short phase's CPU shares are not judged, and it says so
+    clock.walls["b"] = [0.03, 0.03, 0.05]
+    assert clock.verdict("b")["noise_reasons"] == []
+    clock._window = (0.2, 0.3)
+    v = clock.verdict("a")
+    assert not any("other processes" in r for r in v["noise_reasons"]) and "too short" in v["noise_not_judged"]
+
+
+def row(engine="torch", noisy=False):
+    return {"engine": engine, "n": 1000, "raw_ips": [900.0, 1000.0, 1100.0], "sql_ips": [800.0, 850.0, 900.0],
+            "overhead": {"median": 1.1, "min": 1.05, "max": 1.2}, "accuracy": 0.7, "accuracy_ci95": [0.67, 0.73],
+            "agreement": {"velox": {"fraction": 1.0, "n": 1000}}, "p50_ms": 1.0, "p99_ms": 2.0,
+            "sql_p50_ms": 30.0, "raw_cpu_s": 2.0, "sql_cpu_s": 2.5, "indb_ips": None, "noisy": noisy}
+
+
+def test_table_prints_ranges_and_the_noisy_flag():
+    text = format_table([row(), row("velox", noisy=True)])
+    assert "1000.0 [900.0-1100.0]" in text and "1.100 [1.050-1.200]" in text and "0.7000 [0.670-0.730]" in text
+    lines = text.splitlines()
+    assert lines[2].rstrip().endswith("no") and lines[3].rstrip().endswith("NOISY")
+    assert "None" not in text and "nan" not in text
+
+
+def test_cli_defaults_are_the_bench_config_defaults():
+    from cnnsql.cli import build_parser
+
+    args = build_parser().parse_args(["bench"])
+    d = bench_config.BenchConfig()
+    for name in ("engines", "repetitions", "warmup", "threads", "batch_sizes", "single_stream", "sql_single_stream",
+                 "train_epochs", "limit", "sample", "results_dir"):
+        assert getattr(args, name) == getattr(d, name), name
+
+
+# --- results files and the README --------------------------------------------------------------
+
+def test_readme_tables_match_the_committed_results_files():
+    assert results_doc.readme(check=True)  # `cnnsql results readme` regenerates the block
+
+
+def test_readme_check_fails_when_they_disagree(tmp_path):
+    files = sorted((REPO / "results" / "sessions").glob("*.json"))
+    assert files, "no committed results file"
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    doc = json.loads(files[-1].read_text())
+    sql = next(r for r in doc["runs"] if r["kind"] == "sql" and r["scenario"] == "offline")
+    sql["images_per_s"] *= 2  # a figure typed by hand would disagree like this
+    (folder / files[-1].name).write_text(json.dumps(doc))
+    for f in files[:-1]:
+        (folder / f.name).write_text(f.read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    with pytest.raises(CnnsqlError, match="disagree"):
+        results_doc.readme(folder, readme, check=True)
+    assert results_doc.readme(folder, readme) is False  # rewritten...
+    assert results_doc.readme(folder, readme, check=True)  # ...and now current
+
+
+def test_results_files_hold_every_repetition():
+    for path in (REPO / "results" / "sessions").glob("*.json"):
+        doc = json.loads(path.read_text())
+        assert {"machine", "versions", "git_commit", "settings", "runs"} <= set(doc)
+        for r in doc["runs"]:
+            assert len(r["repetition_values"]) == r["repetitions"], (path.name, r["run_id"])
+            assert r["wall_min_s"] <= r["wall_s"] <= r["wall_max_s"]
+
+
+# --- engine capabilities: one conformance check over every registered engine --------------------
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_engine_declares_its_capabilities(name):
+    cls = engine_class(name)
+    assert cls.name == name
+    assert cls.devices and "cpu" in cls.devices
+    assert isinstance(cls.default_batch_size, int) and cls.default_batch_size > 0
+    for attr in ("bench_sample", "bench_warmup_images", "bench_sweep_images", "bench_single_stream"):
+        value = getattr(cls, attr)
+        assert value is None or (isinstance(value, int) and value > 0), attr
+    # its SQL function exists for EvaDB (evadb_udfs/<name>_cnn.py, registered in sql/evadb_setup.sql)
+    function = pgfunctions.sql_name(name)
+    assert (REPO / "evadb_udfs" / f"{name}_cnn.py").exists()
+    assert re.search(rf"CREATE OR REPLACE FUNCTION {function} IMPL", (REPO / "sql" / "evadb_setup.sql").read_text())
+
+
+# --- the one run lifecycle (bench, Ray and training use it) --------------------------------------
+
+def test_run_lifecycle_marks_failed_unfinished_and_complete_runs(conn):
+    from cnnsql import db, results
+
+    db.ensure_schema(conn)
+    session = results.new_session_id()
+    spec = {"kind": "raw", "scenario": "offline", "engine": "torch", "n_rows": 1}
+    with pytest.raises(ValueError):
+        with results.logged_run(conn, session, **spec):
+            raise ValueError("boom")
+    with results.logged_run(conn, session, **spec):
+        pass  # left without results
+    with results.logged_run(conn, session, **spec) as run:
+        run.finish({"wall_s": 2.0, "wall_min_s": 1.5, "wall_max_s": 2.5, "images_per_s": 0.5, "cpu_s": 1.0,
+                    "noisy": False}, repetitions=[1.5, 2.0, 2.5], cpus=[0.9, 1.0, 1.1])
+    with conn.cursor() as cur:
+        cur.execute("SELECT status, detail->>'error' FROM bench_run WHERE session_id = %s ORDER BY run_id", (session,))
+        rows = cur.fetchall()
+        cur.execute("SELECT array_agg(cpu_s ORDER BY rep) FROM bench_repetition WHERE run_id = %s", (run.id,))
+        cpus = cur.fetchone()[0]
+    conn.rollback()
+    assert rows[0][0] == "failed" and "boom" in rows[0][1]
+    assert rows[1] == ("failed", "the run ended without results")
+    assert rows[2] == ("complete", None) and cpus == [0.9, 1.0, 1.1]
+
+
+def test_report_on_a_session_without_an_sql_offline_run_is_one_clear_line(conn, tmp_path):
+    """A session whose only SQL run is fetch-only once crashed the report with a traceback."""
+    from conftest import run_cli
+
+    from cnnsql import db, results
+
+    db.ensure_schema(conn)
+    session = results.new_session_id()
+    with results.logged_run(conn, session, kind="sql", scenario="fetch-only", engine="none", n_rows=10) as run:
+        run.finish({"wall_s": 0.1, "wall_min_s": 0.1, "wall_max_s": 0.1, "images_per_s": 100.0},
+                   repetitions=[0.1], cpus=[0.05])
+    proc = run_cli("report", "--out", str(tmp_path / "r"), "--session", session, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("cnnsql: error:") and "no complete SQL offline run" in proc.stderr
