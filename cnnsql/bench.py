@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import data, db, evadb_function, evadb_session, loader, results
+from . import config, datasets, db, evadb_function, evadb_session, loader, model_spec, results
 from .engines import ENGINES, engine_class
 from .errors import CnnsqlError
 from .bench_indb import InDatabase
@@ -41,6 +41,9 @@ class BenchConfig:
     sql_single_stream: int = 5          # one-image SQL queries
     train_epochs: int = 2               # when no weights exist: a short default model
     progress: bool = True
+    dataset: str | None = None          # cifar10 (default) or a `cnnsql load --images` dataset
+    model: str | None = None            # built-in name, description .json or weights .npz (default: study)
+    skip_unable: bool = False           # drop engines that cannot run the model (else: refuse)
 
     def n_images(self, engine: str, available: int) -> int:
         """The first N test images: the engine's declared sample (a prefix, so shared by every engine)."""
@@ -78,6 +81,8 @@ class Bench:
 
     def prepare(self) -> None:
         db.ensure_schema(self.conn)
+        if self.cfg.dataset not in (None, datasets.DEFAULT):
+            return self._prepare_dataset(datasets.info(self.conn, self.cfg.dataset))
         info = results.dataset_info(self.conn)
         if "test" not in info or "train" not in info:
             self.say("no data in the database yet: loading CIFAR-10 (cnnsql load)")
@@ -87,12 +92,50 @@ class Bench:
         self.data_version = results.dataset_version(self.conn)  # checked again before each run is logged
         if self.dataset_kind != "cifar-10":
             self.say(f"NOTE: the loaded data is {self.dataset_kind}, not CIFAR-10; accuracy figures mean nothing")
-        self.weights = Path(self.cfg.weights or evadb_function.default_weights()).absolute()
+        self._prepare_dataset(datasets.info(self.conn, datasets.DEFAULT))
+
+    def _prepare_dataset(self, ds: datasets.DatasetInfo) -> None:
+        """Weights for the model on this dataset (trained briefly if missing), engines able to run it,
+        the test split, and EvaDB with the functions registered."""
+        self.ds = ds
+        if ds.name != datasets.DEFAULT:
+            self.dataset_kind, self.data_version = f"folder:{ds.name}", ds.version
+        self.weights = self._weights_path()
         if not self.weights.exists():
             self._train_default()
-        self.ids, self.images, self.labels = data.fetch_split(self.conn, "test")
+        self.spec = model_spec.check_weights_model(self.weights, self.cfg.model, ds.shape, ds.num_classes)
+        self._select_engines()
+        self.ids, self.images, self.labels = datasets.fetch_split(self.conn, ds, "test")
         # The functions get the raw path's weights and threads as CREATE FUNCTION metadata.
         self.cursor = evadb_session.connect(self.target, weights=self.weights, threads=self.cfg.threads)
+
+    def _weights_path(self) -> Path:
+        """--weights; else a weights .npz given as --model; else default.npz for the study CNN on CIFAR-10;
+        else <weights dir>/<dataset>-<model>.npz."""
+        cfg = self.cfg
+        if cfg.weights:
+            return Path(cfg.weights).absolute()
+        if cfg.model and cfg.model.endswith(".npz"):
+            return Path(cfg.model).absolute()
+        if cfg.model in (None, model_spec.DEFAULT_MODEL) and self.ds.name == datasets.DEFAULT:
+            return Path(evadb_function.default_weights()).absolute()
+        stem = cfg.model if cfg.model in model_spec.BUILTINS else Path(cfg.model or model_spec.DEFAULT_MODEL).stem
+        return (config.default_weights_dir() / f"{self.ds.name}-{stem}.npz").absolute()
+
+    def _select_engines(self) -> None:
+        for name in list(self.cfg.engines):
+            reason = engine_class(name).cannot_run(self.spec)
+            if reason and not self.cfg.skip_unable:
+                raise CnnsqlError(reason, f"leave {name} out of --engines")
+            if reason:
+                print(f"cnnsql bench: NOTE: {name} left out: {reason}", file=sys.stderr, flush=True)
+                self.cfg.engines.remove(name)
+        if not self.cfg.engines:
+            raise CnnsqlError(f"no engine can run model {self.spec.name!r}", "use --engines torch,tensorflow")
+
+    def on_dataset(self, query: str) -> str:
+        """A benchmark query (written for pg.cifar_test) on this dataset's test view."""
+        return query.replace("pg.cifar_test", f"pg.{self.ds.view('test')}")
 
     def _train_default(self) -> None:
         from .training_cli import train_and_save
@@ -101,7 +144,8 @@ class Bench:
                  f"{self.cfg.train_epochs} epochs; `cnnsql train` trains longer); pass --weights to use your own")
         # TensorFlow: 54 s/epoch here against PyTorch's 85 s, and 68% test accuracy after 2 epochs
         train_and_save(self.conn, "tensorflow", self.weights, epochs=self.cfg.train_epochs, device=self.cfg.device,
-                       threads=self.cfg.threads, progress=self.cfg.progress)
+                       threads=self.cfg.threads, progress=self.cfg.progress, model=self.cfg.model,
+                       dataset=self.ds.name)
 
     def close(self) -> None:
         self.conn.close()
@@ -132,7 +176,7 @@ class Bench:
                 res.update(p50_ms=percentile(ms, 50), p90_ms=percentile(ms, 90), p99_ms=percentile(ms, 99))
             if evaluate is not None:
                 res.update(evaluate(out))
-            results.check_dataset(self.conn, self.data_version, f"run {run_id}")
+            datasets.check_version(self.conn, self.ds, self.data_version, f"run {run_id}")
             results.finish_run(self.conn, run_id, res, repetitions=walls)
         except BaseException as exc:
             results.fail_run(self.conn, run_id, repr(exc))
@@ -166,9 +210,10 @@ class Bench:
         query = query_text(f"offline_{name}")
         if n < len(self.ids):  # a sample: the first n ids, filtered inside PostgreSQL (pushed down)
             query = query.replace("pg.cifar_test;", f"pg.cifar_test WHERE id < {int(n)};")
+        query = self.on_dataset(query)
         self.say(f"[{name}] SQL offline: {query}")
         before = dict(evadb_function.STATS.get(name, {}))
-        q1 = query_text(f"single_stream_{name}")
+        q1 = self.on_dataset(query_text(f"single_stream_{name}"))
 
         def sql_warm():  # the offline query, or the one-image query when the engine warms up on fewer images
             evadb_session.run(self.cursor, query if warm_n == n else q1)
@@ -216,7 +261,7 @@ class Bench:
                 **self.indb.run(name, n, k, raw_probs)}
 
     def bench_fetch(self) -> None:
-        query = query_text("fetch_only")
+        query = self.on_dataset(query_text("fetch_only"))
         self.say(f"[fetch] SQL without a function: {query}")
         self.phase({"engine": "none", "kind": "sql", "scenario": "fetch-only", "query": query},
                    lambda: evadb_session.run(self.cursor, query), self.cfg.repetitions, self.cfg.warmup,

@@ -35,11 +35,16 @@ def _engines(text: str) -> list[str]:
 def cmd_bench(args) -> int:
     from .bench import BenchConfig, run_bench
 
-    cfg = BenchConfig(engines=args.engines, weights=args.weights, repetitions=args.repetitions, warmup=args.warmup,
+    if args.cluster == "ray" and (args.dataset or args.model):
+        from .errors import CnnsqlError
+
+        raise CnnsqlError("the Ray runner runs the study CNN on CIFAR-10 only", "use --cluster local with --dataset/--model")
+    cfg = BenchConfig(engines=args.engines or ["torch", "tensorflow", "velox"], weights=args.weights, repetitions=args.repetitions, warmup=args.warmup,
                       threads=args.threads, device=args.device, limit=args.limit, sample=args.sample, full=args.full,
                       batch_sizes=args.batch_sizes, single_stream=args.single_stream,
                       sql_single_stream=args.sql_single_stream, train_epochs=args.train_epochs,
-                      progress=not args.quiet)
+                      progress=not args.quiet, dataset=args.dataset, model=args.model,
+                      skip_unable=args.engines is None)
     if args.cluster == "ray":
         from .ray_runner import run_ray
 
@@ -51,8 +56,13 @@ def cmd_bench(args) -> int:
 
 def register_bench(sub) -> None:
     b = sub.add_parser("bench", help="run every benchmark query for every engine, log to PostgreSQL, print a table")
-    b.add_argument("--engines", type=_engines, default=["torch", "tensorflow", "velox"],
-                   help="comma-separated (default: torch,tensorflow,velox)")
+    b.add_argument("--engines", type=_engines, default=None,
+                   help="comma-separated (default: torch,tensorflow,velox; those that can run the model)")
+    b.add_argument("--dataset", default=None, metavar="NAME",
+                   help="cifar10 (default) or a dataset loaded with `cnnsql load --images DIR --dataset NAME`")
+    b.add_argument("--model", default=None, metavar="NAME|FILE",
+                   help="built-in (study, lenet5, vgg; default study), a description .json, or a weights .npz; "
+                        "without --weights, <weights dir>/<dataset>-<model>.npz is used, trained if missing")
     b.add_argument("--weights", type=Path, default=None,
                    help="weights file (default: $CNNSQL_WEIGHTS or .cnnsql/weights/default.npz, trained if missing)")
     b.add_argument("--repetitions", type=_count(1), default=3, help="timed repetitions per phase (default 3)")

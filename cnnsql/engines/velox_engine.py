@@ -36,10 +36,9 @@ QUERY_CONFIG = {"preferred_output_batch_rows": "1"}
 
 def check_model(spec) -> None:
     """This plan is hand-written for the study's CNN on 3x32x32 images: refuse any other model."""
-    if spec.input_shape != STUDY.input_shape or spec.layers != STUDY.layers:
-        raise CnnsqlError(f"the Velox engine runs only the study's CNN on 3x32x32 images, not model {spec.name!r} "
-                          f"({spec.architecture()}, input {'x'.join(map(str, spec.input_shape))})",
-                          "use --engine torch or tensorflow for this model")
+    reason = VeloxEngine.cannot_run(spec)
+    if reason:
+        raise CnnsqlError(reason, "use --engine torch or tensorflow for this model")
 
 
 class VeloxEngine(Engine):
@@ -54,6 +53,13 @@ class VeloxEngine(Engine):
     bench_single_stream = 10     # one-image calls of the single-stream phase
     TICKETS = 16                 # image splits: batch rows go to ticket rid % TICKETS
     FC1_BLOCKS = 8               # fc1 weight blocks of 64 neurons (the fc1 pipeline's splits)
+
+    @classmethod
+    def cannot_run(cls, spec) -> str | None:
+        if spec.input_shape != STUDY.input_shape or spec.layers != STUDY.layers:
+            return (f"the Velox engine runs only the study's CNN on 3x32x32 images, not model {spec.name!r} "
+                    f"({spec.architecture()}, input {'x'.join(map(str, spec.input_shape))})")
+        return None
 
     def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
         super().__init__(weights, device=device, threads=threads)
