@@ -196,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    from . import bench_cli
+    from . import bench_cli, importer
 
-    return bench_cli.REGISTER
+    return [*bench_cli.REGISTER, importer.register]
 
 
 def main(argv: list[str] | None = None) -> int:
