@@ -187,3 +187,14 @@ def test_bench_refuses_an_engine_that_cannot_run_the_model(vgg_digits):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("cnnsql: error: the Velox engine runs only the study's CNN")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_predict_on_digits_writes_one_column_per_class(vgg_digits, tmp_path, conn, loaded):
+    out, _ = vgg_digits
+    run_cli("predict", "--engine", "tensorflow", "--weights", str(out), "--dataset", "digits", "--out",
+            str(tmp_path / "p.csv"), "--quiet")
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "id,label,predicted," + ",".join(f"p{k}" for k in range(10))
+    assert len(lines) - 1 == datasets.info(conn, "digits").n_test
+    proc = run_cli("predict", "--engine", "torch", "--weights", str(out), "--out", str(tmp_path / "q.csv"), check=False)
+    assert proc.returncode == 1 and "model 'vgg' takes 1x8x8 images, the data is 3x32x32" in proc.stderr
