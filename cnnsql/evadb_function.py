@@ -1,8 +1,9 @@
 """The one EvaDB function implementation, generic over engines. `evadb_udfs/*.py` subclass it.
 
-Input: the `img` column of the cifar_* views (base64 text of the 3,072 stored bytes), or the bytes
+Input: the `img` column of the cifar_* or dataset views (base64 text of the stored bytes: 3,072 for
+CIFAR-10, C*H*W of the weights' model in general), or the bytes
 themselves when cnnsql's EvaDB reads a view's binary twin (cnnsql/evadb_patch).
-Output per row: label (class index), class_name, probability (of that class), probs (all 10).
+Output per row: label (class index), class_name, probability (of that class), probs (one per class).
 A bad row (NULL, not base64, wrong length) yields NULL outputs and a warning naming its
 position; it never gets a made-up prediction. Engines are cached per process, so repeated
 queries do not pay for loading weights again.
