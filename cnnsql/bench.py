@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import data, db, evadb_function, evadb_session, loader, pgfunctions, results, stats
+from . import config, datasets, db, evadb_function, evadb_session, loader, model_spec, pgfunctions, results, stats
 from .engines import ENGINES, engine_class
 from .errors import CnnsqlError
 from .bench_config import BenchConfig  # noqa: F401  (the defaults live there)
@@ -91,6 +91,8 @@ class Bench:
 
     def prepare(self) -> None:
         db.ensure_schema(self.conn)
+        if self.cfg.dataset not in (None, datasets.DEFAULT):
+            return self._prepare_dataset(datasets.info(self.conn, self.cfg.dataset))
         info = results.dataset_info(self.conn)
         if "test" not in info or "train" not in info:
             self.say("no data in the database yet: loading CIFAR-10 (cnnsql load)")
@@ -100,12 +102,50 @@ class Bench:
         self.data_version = results.dataset_version(self.conn)  # checked again before each run is logged
         if self.dataset_kind != "cifar-10":
             self.say(f"NOTE: the loaded data is {self.dataset_kind}, not CIFAR-10; accuracy figures mean nothing")
-        self.weights = Path(self.cfg.weights or evadb_function.default_weights()).absolute()
+        self._prepare_dataset(datasets.info(self.conn, datasets.DEFAULT))
+
+    def _prepare_dataset(self, ds: datasets.DatasetInfo) -> None:
+        """Weights for the model on this dataset (trained briefly if missing), engines able to run it,
+        the test split, and EvaDB with the functions registered."""
+        self.ds = ds
+        if ds.name != datasets.DEFAULT:
+            self.dataset_kind, self.data_version = f"folder:{ds.name}", ds.version
+        self.weights = self._weights_path()
         if not self.weights.exists():
             self._train_default()
-        self.ids, self.images, self.labels = data.fetch_split(self.conn, "test")
+        self.spec = model_spec.check_weights_model(self.weights, self.cfg.model, ds.shape, ds.num_classes)
+        self._select_engines()
+        self.ids, self.images, self.labels = datasets.fetch_split(self.conn, ds, "test")
         # The functions get the raw path's weights and threads as CREATE FUNCTION metadata.
         self.cursor = evadb_session.connect(self.target, weights=self.weights, threads=self.cfg.threads)
+
+    def _weights_path(self) -> Path:
+        """--weights; else a weights .npz given as --model; else default.npz for the study CNN on CIFAR-10;
+        else <weights dir>/<dataset>-<model>.npz."""
+        cfg = self.cfg
+        if cfg.weights:
+            return Path(cfg.weights).absolute()
+        if cfg.model and cfg.model.endswith(".npz"):
+            return Path(cfg.model).absolute()
+        if cfg.model in (None, model_spec.DEFAULT_MODEL) and self.ds.name == datasets.DEFAULT:
+            return Path(evadb_function.default_weights()).absolute()
+        stem = cfg.model if cfg.model in model_spec.BUILTINS else Path(cfg.model or model_spec.DEFAULT_MODEL).stem
+        return (config.default_weights_dir() / f"{self.ds.name}-{stem}.npz").absolute()
+
+    def _select_engines(self) -> None:
+        for name in list(self.cfg.engines):
+            reason = engine_class(name).cannot_run(self.spec)
+            if reason and not self.cfg.skip_unable:
+                raise CnnsqlError(reason, f"leave {name} out of --engines")
+            if reason:
+                print(f"cnnsql bench: NOTE: {name} left out: {reason}", file=sys.stderr, flush=True)
+                self.cfg.engines.remove(name)
+        if not self.cfg.engines:
+            raise CnnsqlError(f"no engine can run model {self.spec.name!r}", "use --engines torch,tensorflow")
+
+    def on_dataset(self, query: str) -> str:
+        """A benchmark query (written for pg.cifar_test) on this dataset's test view."""
+        return query.replace("pg.cifar_test", f"pg.{self.ds.view('test')}")
 
     def _train_default(self) -> None:
         from .training_cli import train_and_save
@@ -114,7 +154,8 @@ class Bench:
                  f"{self.cfg.train_epochs} epochs; `cnnsql train` trains longer); pass --weights to use your own")
         # TensorFlow: 54 s/epoch here against PyTorch's 85 s, and 68% test accuracy after 2 epochs
         train_and_save(self.conn, "tensorflow", self.weights, epochs=self.cfg.train_epochs, device=self.cfg.device,
-                       threads=self.cfg.threads, progress=self.cfg.progress)
+                       threads=self.cfg.threads, progress=self.cfg.progress, model=self.cfg.model,
+                       dataset=self.ds.name)
 
     def close(self) -> None:
         self.conn.close()
@@ -155,7 +196,7 @@ class Bench:
                     out[s.key].update(extra)
             if phase.after is not None:
                 phase.after(out)
-            results.check_dataset(self.conn, self.data_version, f"phase {phase.label}")
+            datasets.check_version(self.conn, self.ds, self.data_version, f"phase {phase.label}")
             for s in phase.sides:
                 runs[s.key].finish(out[s.key], repetitions=clock.walls[s.key], cpus=clock.cpus[s.key])
                 out[s.key]["run_id"] = runs[s.key].id
@@ -194,9 +235,9 @@ class Bench:
         cfg, cls = self.cfg, type(engine)
         images, labels, bs = self.images[:n], self.labels[:n], engine.default_batch_size
         where = sample_where(n, len(self.ids))
-        query = query_text("offline", function=pgfunctions.sql_name(name), where=where)
-        fetch = query_text("fetch_only", where=where)
-        q1 = query_text("single_stream", function=pgfunctions.sql_name(name), id=7)
+        query = self.on_dataset(query_text("offline", function=pgfunctions.sql_name(name), where=where))
+        fetch = self.on_dataset(query_text("fetch_only", where=where))
+        q1 = self.on_dataset(query_text("single_stream", function=pgfunctions.sql_name(name), id=7))
         warm_n = min(n, cls.bench_warmup_images or n)  # a slow engine warms up on fewer images
         before = {}
 
@@ -262,7 +303,7 @@ class Bench:
     def single_stream_phases(self, name: str, engine, common: dict, n: int) -> list[Phase]:
         k = type(engine).bench_single_stream or self.cfg.single_stream
         it = iter(range(10**9))
-        q1 = query_text("single_stream", function=pgfunctions.sql_name(name), id=7)
+        q1 = self.on_dataset(query_text("single_stream", function=pgfunctions.sql_name(name), id=7))
         one = {**common, "batch_size": 1, "scenario": "single-stream"}
         return [Phase(f"{name} single-stream raw", [Side("raw", {**one, "kind": "raw"},
                                                          lambda: engine.predict(self.images[next(it) % n][None], 1),

@@ -38,8 +38,13 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
     from .bench_config import BenchConfig
 
-    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)},
-                      progress=not args.quiet)
+    if args.cluster == "ray" and (args.dataset or args.model):
+        from .errors import CnnsqlError
+
+        raise CnnsqlError("the Ray runner runs the study CNN on CIFAR-10 only", "use --cluster local with --dataset/--model")
+    chosen = {f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)}
+    cfg = BenchConfig(**{**chosen, "engines": args.engines or BenchConfig().engines},
+                      progress=not args.quiet, skip_unable=args.engines is None)
     if args.cluster == "ray":
         from .ray_runner import run_ray
 
@@ -58,7 +63,13 @@ def register_bench(sub) -> None:
         return ",".join(map(str, values))
 
     b = sub.add_parser("bench", help="run every benchmark query for every engine, log to PostgreSQL, print a table")
-    b.add_argument("--engines", type=_engines, default=d.engines, help=f"comma-separated (default: {csv(d.engines)})")
+    b.add_argument("--engines", type=_engines, default=None,
+                   help=f"comma-separated (default: {csv(d.engines)}; those that can run the model)")
+    b.add_argument("--dataset", default=d.dataset, metavar="NAME",
+                   help="cifar10 (default) or a dataset loaded with `cnnsql load --images DIR --dataset NAME`")
+    b.add_argument("--model", default=d.model, metavar="NAME|FILE",
+                   help="built-in (study, lenet5, vgg; default study), a description .json, or a weights .npz; "
+                        "without --weights, <weights dir>/<dataset>-<model>.npz is used, trained if missing")
     b.add_argument("--weights", type=Path, default=d.weights,
                    help="weights file (default: $CNNSQL_WEIGHTS or .cnnsql/weights/default.npz, trained if missing)")
     b.add_argument("--repetitions", type=_count(1), default=d.repetitions,

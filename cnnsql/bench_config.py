@@ -28,6 +28,9 @@ class BenchConfig:
     train_epochs: int = 2               # when no weights exist: a short default model
     results_dir: Path | None = field(default_factory=lambda: default_results_dir())  # a JSON file per session
     progress: bool = True
+    dataset: str | None = None          # cifar10 (default) or a `cnnsql load --images` dataset
+    model: str | None = None            # built-in name, description .json or weights .npz (default: study)
+    skip_unable: bool = False           # drop engines that cannot run the model (else: refuse)
 
     def n_images(self, engine: str, available: int) -> int:
         """The first N test images: the engine's declared sample (a prefix, so shared by every engine)."""

@@ -40,6 +40,10 @@ class InDatabase:
     def __init__(self, bench):
         self.bench = bench
         self.skipped: str | None = None
+        if bench.ds.shape != (3, 32, 32) or bench.ds.num_classes != 10:   # pgruntime reads 3,072-byte images
+            self.skipped = f"the PL/Python functions take CIFAR-10's 3x32x32 images, not dataset {bench.ds.name!r}"
+            print(f"cnnsql bench: in-PostgreSQL placement skipped: {self.skipped}", file=sys.stderr, flush=True)
+            return
         try:
             pgfunctions.install(bench.target, bench.cfg.engines, bench.weights, bench.cfg.threads)
             bench.say(f"[in PostgreSQL] functions cnnsql.<Engine>CNN installed with weights {bench.weights}, "

@@ -182,11 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--engine", required=True, help="torch, tensorflow or velox")
     pr.add_argument("--weights", type=Path, required=True)
     pr.add_argument("--split", default="test", choices=["train", "test"])
+    pr.add_argument("--dataset", default=None, metavar="NAME", help="cifar10 (default) or a `cnnsql load --images` dataset")
     pr.add_argument("--limit", type=_positive, default=None)
     pr.add_argument("--batch-size", type=_positive, default=None)
     pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     pr.add_argument("--threads", type=_positive, default=None)
-    pr.add_argument("--out", type=Path, required=True, help="CSV: id, label, predicted, p0..p9")
+    pr.add_argument("--out", type=Path, required=True, help="CSV: id, label, predicted, p0..p<classes-1>")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -196,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    from . import bench_cli
+    from . import bench_cli, importer
 
-    return bench_cli.REGISTER
+    return [*bench_cli.REGISTER, importer.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,6 +159,17 @@ def version(conn, dataset: DatasetInfo) -> tuple:
     return info(conn, dataset.name).version
 
 
+def check_version(conn, dataset: DatasetInfo, loaded: tuple, what: str) -> None:
+    """Refuse to log a run whose data was replaced while it ran (a concurrent `cnnsql load`)."""
+    from . import results
+
+    if dataset.name == DEFAULT:
+        return results.check_dataset(conn, loaded, what)
+    if version(conn, dataset) != loaded:
+        raise CnnsqlError(f"{what}: dataset {dataset.name!r} was reloaded while the run was going, so its figures "
+                          "would mix two datasets; the run is marked failed", "rerun it when no `cnnsql load` is running")
+
+
 def fetch_split(conn, dataset: DatasetInfo, split: str, limit: int | None = None, offset: int = 0):
     """-> ids (N,), images uint8 (N, C, H, W), labels (N,) ordered by id."""
     if dataset.name == DEFAULT:

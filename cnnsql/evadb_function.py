@@ -1,8 +1,9 @@
 """The one EvaDB function implementation, generic over engines. `evadb_udfs/*.py` subclass it.
 
-Input: the `img` column of the cifar_* views (base64 text of the 3,072 stored bytes), or the bytes
+Input: the `img` column of the cifar_* or dataset views (base64 text of the stored bytes: 3,072 for
+CIFAR-10, C*H*W of the weights' model in general), or the bytes
 themselves when cnnsql's EvaDB reads a view's binary twin (cnnsql/evadb_patch).
-Output per row: label (class index), class_name, probability (of that class), probs (all 10).
+Output per row: label (class index), class_name, probability (of that class), probs (one per class).
 A bad row (NULL, not base64, wrong length) yields NULL outputs and a warning naming its
 position; it never gets a made-up prediction. Engines are cached per process, so repeated
 queries do not pay for loading weights again.
@@ -52,43 +53,44 @@ def cached_engine(engine: str, weights: str, device: str, threads: int | None):
 B64_CHARS = IMAGE_BYTES // 3 * 4  # 3,072 bytes encode to exactly 4,096 characters, no padding
 
 
-def decode_images(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Images as stored bytes (the binary twins) or base64 text (the views) -> (uint8 (N, 3072) of the
-    valid rows, boolean mask of valid rows).
+def decode_images(column: pd.Series, size: int = IMAGE_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Images as stored bytes (the binary twins) or base64 text (the views) -> (uint8 (N, size) of the
+    valid rows, boolean mask of valid rows). `size`: bytes per image (the model's C*H*W; 3,072 for CIFAR-10).
 
     Fast paths: every row 3,072 bytes (one join), or every row a 4,096-character string (one strict
     decode of their concatenation: any non-alphabet character fails it). Otherwise row by row.
     """
     values = column.tolist()
-    if values and all(isinstance(v, (bytes, memoryview)) and len(v) == IMAGE_BYTES for v in values):
-        return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, IMAGE_BYTES), np.ones(len(values), bool)
-    if all(isinstance(v, str) and len(v) == B64_CHARS for v in values):
+    chars = -(-size // 3) * 4
+    if values and all(isinstance(v, (bytes, memoryview)) and len(v) == size for v in values):
+        return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, size), np.ones(len(values), bool)
+    if size % 3 == 0 and all(isinstance(v, str) and len(v) == chars for v in values):  # no padding: concatenable
         try:
             raw = binascii.a2b_base64("".join(values), strict_mode=True)
-            return np.frombuffer(raw, dtype=np.uint8).reshape(-1, IMAGE_BYTES), np.ones(len(values), bool)
+            return np.frombuffer(raw, dtype=np.uint8).reshape(-1, size), np.ones(len(values), bool)
         except (binascii.Error, ValueError):
             pass  # some row is bad: find it below
-    out = np.zeros((len(column), IMAGE_BYTES), dtype=np.uint8)
+    out = np.zeros((len(column), size), dtype=np.uint8)
     ok = np.zeros(len(column), dtype=bool)
     for i, value in enumerate(values):
-        raw = _image_bytes(value)
+        raw = _image_bytes(value, size)
         if raw is not None:
             out[i] = np.frombuffer(raw, dtype=np.uint8)
             ok[i] = True
     return out[ok], ok
 
 
-def _image_bytes(value) -> bytes | None:
-    """One row's 3,072 image bytes, or None when it is NULL or malformed."""
+def _image_bytes(value, size: int = IMAGE_BYTES) -> bytes | None:
+    """One row's `size` image bytes, or None when it is NULL or malformed."""
     if isinstance(value, (bytes, memoryview)):
-        return bytes(value) if len(value) == IMAGE_BYTES else None
-    if not isinstance(value, str) or len(value) != B64_CHARS:
+        return bytes(value) if len(value) == size else None
+    if not isinstance(value, str) or len(value) != -(-size // 3) * 4:
         return None
     try:
         raw = binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError):
         return None
-    return raw if len(raw) == IMAGE_BYTES else None
+    return raw if len(raw) == size else None
 
 
 class CNNFunction(AbstractFunction):
@@ -131,7 +133,7 @@ class CNNFunction(AbstractFunction):
         self._load()
         stats = STATS.setdefault(self.engine_name, {"decode_s": 0.0, "predict_s": 0.0, "rows": 0, "bad_rows": 0})
         t0 = time.perf_counter()
-        images, ok = decode_images(frames.iloc[:, 0])
+        images, ok = decode_images(frames.iloc[:, 0], self.engine.spec.input_size)
         t1 = time.perf_counter()
         probs = self.engine.predict(images, batch_size=self.batch_size)
         t2 = time.perf_counter()

@@ -453,6 +453,22 @@ def resolve(model: str | None, input_shape=None, num_classes: int | None = None)
     return spec
 
 
+def check_weights_model(weights_path, model: str | None, input_shape=None, num_classes: int | None = None) -> ModelSpec:
+    """The model of a weights file, checked against the data and against `model` when that names a
+    built-in or a description (a weights file of another model is one clear error)."""
+    from .weights import load_weights
+
+    spec = load_weights(weights_path).spec
+    check_fits(spec, input_shape, num_classes)
+    if model and not str(model).endswith(".npz"):
+        wanted = resolve(model, input_shape, num_classes)
+        if (wanted.input_shape, wanted.layers) != (spec.input_shape, spec.layers):
+            raise CnnsqlError(f"weights {weights_path} hold model {spec.name!r} ({spec.architecture()}), "
+                              f"not {wanted.name!r} ({wanted.architecture()})",
+                              "pass the weights of that model, or leave --weights out to train one")
+    return spec
+
+
 def check_fits(spec: ModelSpec, input_shape=None, num_classes: int | None = None) -> None:
     """Clear error when a model does not take these images or produce these classes."""
     if input_shape is not None and tuple(input_shape) != spec.input_shape:

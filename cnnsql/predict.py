@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from . import data, db
+from . import datasets, db, model_spec
 from .engines import get_engine
 from .weights import load_weights
 
@@ -23,7 +23,7 @@ def write_csv(path, ids, labels, probs) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "label", "predicted", *[f"p{k}" for k in range(10)]])
+        w.writerow(["id", "label", "predicted", *[f"p{k}" for k in range(probs.shape[1])]])
         for i, lab, p in zip(ids, labels, probs):
             w.writerow([int(i), int(lab), int(p.argmax()), *[f"{v:.8g}" for v in p]])
     tmp.replace(path)
@@ -33,7 +33,9 @@ def predict_command(args) -> None:
     weights = load_weights(args.weights)
     engine = get_engine(args.engine, weights, device=args.device, threads=args.threads)
     with db.connection() as conn:
-        ids, images, labels = data.fetch_split(conn, args.split, limit=args.limit)
+        ds = datasets.info(conn, args.dataset)
+        model_spec.check_fits(weights.spec, ds.shape, ds.num_classes)
+        ids, images, labels = datasets.fetch_split(conn, ds, args.split, limit=args.limit)
     probs = predict_images(engine, images, args.batch_size, progress=not args.quiet)
     write_csv(args.out, ids, labels, probs)
     acc = float((probs.argmax(1) == labels).mean())

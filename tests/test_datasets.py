@@ -146,12 +146,55 @@ def test_load_needs_both_images_and_dataset(target):
     assert proc.returncode == 1 and "needs both --images DIR and --dataset NAME" in proc.stderr
 
 
-def test_train_on_digits_writes_a_described_model(digits, tmp_path):
-    out = tmp_path / "digits-vgg.npz"
+@pytest.fixture(scope="module")
+def vgg_digits(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("weights") / "digits-vgg.npz"
     proc = run_cli("train", "--dataset", "digits", "--model", "vgg", "--epochs", "2", "--framework", "torch",
                    "--out", str(out), "--quiet")
+    return out, proc
+
+
+def test_train_on_digits_writes_a_described_model(vgg_digits):
     from cnnsql.weights import load_weights
 
+    out, proc = vgg_digits
     w = load_weights(out)
     assert w.spec.input_shape == (1, 8, 8) and w.spec.name == "vgg" and w.manifest["dataset"] == "digits"
     assert w.manifest["test_accuracy"] > 0.8, proc.stderr     # 0.99 after 2 epochs when measured
+
+
+def test_bench_on_digits_through_sql(vgg_digits, conn):
+    out, _ = vgg_digits
+    proc = run_cli("bench", "--dataset", "digits", "--model", "vgg", "--weights", str(out), "--repetitions", "1",
+                   "--batch-sizes", "16", "--single-stream", "2", "--sql-single-stream", "1", "--quiet")
+    assert "NOTE: velox left out: the Velox engine runs only the study's CNN" in proc.stderr   # even with --quiet
+    with conn.cursor() as cur:
+        cur.execute("""SELECT engine, kind, n_rows, accuracy, detail->>'sql_matches_raw' FROM bench_run
+                       WHERE dataset_kind = 'folder:digits' AND scenario = 'offline' AND status = 'complete'
+                       ORDER BY engine, kind""")
+        got = cur.fetchall()
+    conn.rollback()
+    n_test = datasets.info(conn, "digits").n_test
+    assert [(e, k, n) for e, k, n, _, _ in got] == [("tensorflow", "raw", n_test), ("tensorflow", "sql", n_test),
+                                                     ("torch", "raw", n_test), ("torch", "sql", n_test)]
+    assert all(acc > 0.8 for *_, acc, _ in got)
+    assert [float(m) for *_, m in got if m is not None] == [1.0, 1.0]
+
+
+def test_bench_refuses_an_engine_that_cannot_run_the_model(vgg_digits):
+    out, _ = vgg_digits
+    proc = run_cli("bench", "--dataset", "digits", "--weights", str(out), "--engines", "torch,velox", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("cnnsql: error: the Velox engine runs only the study's CNN")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_predict_on_digits_writes_one_column_per_class(vgg_digits, tmp_path, conn, loaded):
+    out, _ = vgg_digits
+    run_cli("predict", "--engine", "tensorflow", "--weights", str(out), "--dataset", "digits", "--out",
+            str(tmp_path / "p.csv"), "--quiet")
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "id,label,predicted," + ",".join(f"p{k}" for k in range(10))
+    assert len(lines) - 1 == datasets.info(conn, "digits").n_test
+    proc = run_cli("predict", "--engine", "torch", "--weights", str(out), "--out", str(tmp_path / "q.csv"), check=False)
+    assert proc.returncode == 1 and "model 'vgg' takes 1x8x8 images, the data is 3x32x32" in proc.stderr

@@ -27,3 +27,14 @@ def test_bad_rows_are_flagged_and_good_rows_not_shifted():
     out, ok = decode_images(column)
     assert ok.tolist() == [True, False, False, False, False, True]
     assert np.array_equal(out, imgs[[0, 3]])
+
+
+def test_other_image_sizes_with_base64_padding():
+    """A 1x8x8 model's 64-byte images: 88 characters with '==' padding, so no concatenated fast path."""
+    imgs = np.random.default_rng(2).integers(0, 256, (5, 64), dtype=np.uint8)
+    column = pd.Series([b64(imgs[0]), b64(imgs[1]), b64(imgs[2])[:-2] + "AA", None, bytes(imgs[4])])
+    out, ok = decode_images(column, 64)
+    assert ok.tolist() == [True, True, False, False, True]
+    assert np.array_equal(out, imgs[[0, 1, 4]])
+    out, ok = decode_images(pd.Series([bytes(i) for i in imgs]), 64)
+    assert ok.all() and np.array_equal(out, imgs)

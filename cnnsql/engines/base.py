@@ -50,6 +50,11 @@ class Engine(ABC):
     bench_single_stream: ClassVar[int | None] = None
     bench_repetitions: ClassVar[int | None] = None  # timed calls per offline phase unless --repetitions
 
+    @classmethod
+    def cannot_run(cls, spec) -> str | None:
+        """Why this engine cannot run the model description `spec` (one line), or None when it can."""
+        return None
+
     def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
         self.spec = weights.spec   # the model description (cnnsql.model_spec); the study's CNN by default
         if device not in self.devices:

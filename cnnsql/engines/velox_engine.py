@@ -42,10 +42,9 @@ def is_study(spec) -> bool:
 
 def check_model(spec) -> None:
     """Every layer kind of the description has a generator (velox_layers.py); refuse anything else."""
-    unknown = sorted({layer.kind for layer in spec.layers} - set(vl.GENERATED))
-    if unknown:
-        raise CnnsqlError(f"the Velox engine has no plan generator for layer kind(s) {', '.join(unknown)} "
-                          f"of model {spec.name!r}", "use --engine torch or tensorflow for this model")
+    reason = VeloxEngine.cannot_run(spec)
+    if reason:
+        raise CnnsqlError(reason, "use --engine torch or tensorflow for this model")
 
 
 class VeloxEngine(Engine):
@@ -67,6 +66,14 @@ class VeloxEngine(Engine):
     # direct form's images/s (4 interleaved pairs, 4 images, load 15; VELOX.md). The study's plan
     # keeps its own Winograd conv2 (64 x 64 channels, 49 tiles).
     WINOGRAD = False
+
+    @classmethod
+    def cannot_run(cls, spec) -> str | None:
+        unknown = sorted({layer.kind for layer in spec.layers} - set(vl.GENERATED))
+        if unknown:
+            return (f"the Velox engine has no plan generator for layer kind(s) {', '.join(unknown)} "
+                    f"of model {spec.name!r}")
+        return None
 
     def __init__(self, weights: Weights, *, device: str = "cpu", threads: int | None = None):
         super().__init__(weights, device=device, threads=threads)
