@@ -96,6 +96,7 @@ class ServerSampler:
     def __init__(self, postmaster: int | None, interval: float = 0.2):
         self.postmaster, self.interval = postmaster, interval
         self.peak_rss = self.peak_anon = self.peak_anon_sum = 0.0
+        self.peak_anon_process = ""
         self._stop = threading.Event()
 
     def _pids(self) -> list[int]:
@@ -106,6 +107,14 @@ class ServerSampler:
         except OSError:
             return []
         return [self.postmaster, *map(int, children)]
+
+    @staticmethod
+    def _title(pid: int) -> str:
+        """The server process's title: 'postgres: autovacuum worker', 'postgres: cnnsql cnnsql 127.0.0.1 ...'."""
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:60].strip()
+        except OSError:
+            return "?"
 
     @staticmethod
     def _status(pid: int) -> dict:
@@ -125,7 +134,8 @@ class ServerSampler:
             for pid in self._pids():
                 s = self._status(pid)
                 self.peak_rss = max(self.peak_rss, s.get("VmRSS", 0))
-                self.peak_anon = max(self.peak_anon, s.get("RssAnon", 0))
+                if s.get("RssAnon", 0) > self.peak_anon:
+                    self.peak_anon, self.peak_anon_process = s["RssAnon"], self._title(pid)
                 anon_sum += s.get("RssAnon", 0)
             self.peak_anon_sum = max(self.peak_anon_sum, anon_sum)
             if self._stop.wait(self.interval):
@@ -142,7 +152,7 @@ class ServerSampler:
 
     def summary(self) -> dict:
         return {"server_peak_rss_mb": self.peak_rss, "server_peak_anon_mb": self.peak_anon,
-                "server_peak_anon_sum_mb": self.peak_anon_sum}
+                "server_peak_anon_sum_mb": self.peak_anon_sum, "server_peak_anon_process": self.peak_anon_process}
 
 
 def run_phase(cmd: list[str], postmaster: int | None) -> tuple[dict, str]:
@@ -200,7 +210,8 @@ def measure_size(conn, args, session: str, n: int, postmaster: int | None) -> No
     fig, out = run_phase([sys.executable, "-m", "cnnsql", "load", "--quiet", "--synthetic", str(n)], postmaster)
     fig["client_peak_rss_mb"] = _last_child_maxrss()
     n_test = max(1, n // 5)
-    record(conn, session, n, "load", None, n + n_test, fig, {"table_bytes": table_bytes(conn), "stdout": out.strip()})
+    record(conn, session, n, "load", None, n + n_test, fig, {"table_bytes": table_bytes(conn), "stdout": out.strip(),
+                                                          "server_peak_anon_process": fig["server_peak_anon_process"]})
     print(f"N={n}: load {n + n_test} images in {fig['wall_s']:.1f} s, client peak {fig['client_peak_rss_mb']:.0f} MB, "
           f"load avg {fig['loadavg_before']:.1f}-{fig['loadavg_after']:.1f}", file=sys.stderr, flush=True)
     limit = args.max_pass if args.max_pass and args.max_pass < n_test else None
@@ -218,7 +229,7 @@ def measure_size(conn, args, session: str, n: int, postmaster: int | None) -> No
                 figs[kind].append({**f, **res, "wall_s": res["wall_s"], "process_wall_s": f["wall_s"]})
                 print(f"N={n} {engine} {kind}: {res['rows']} images in {res['wall_s']:.2f} s "
                       f"({res['rows'] / res['wall_s']:.0f}/s), client peak {res['client_peak_rss_mb']:.0f} MB, "
-                      f"server backend peak {f['server_peak_rss_mb']:.0f} MB (anon {f['server_peak_anon_mb']:.0f}), "
+                      f"server process peak {f['server_peak_rss_mb']:.0f} MB (anon {f['server_peak_anon_mb']:.0f}: {f['server_peak_anon_process']}), "
                       f"load avg {f['loadavg_before']:.1f}-{f['loadavg_after']:.1f}", file=sys.stderr, flush=True)
         for kind, runs in figs.items():
             med = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
@@ -230,7 +241,8 @@ def measure_size(conn, args, session: str, n: int, postmaster: int | None) -> No
                       "loadavg": [[r["loadavg_before"], r["loadavg_after"]] for r in runs], "threads": args.threads,
                       "limit": limit, "split_rows": n_test, "query": runs[0].get("query")
                       or "SELECT id, img FROM cifar_image_test" + (f" WHERE id < {limit}" if limit else ""),
-                      "batch": runs[0].get("batch")}
+                      "batch": runs[0].get("batch"),
+                      "server_peak_anon_process": [r.get("server_peak_anon_process") for r in runs]}
             record(conn, session, n, kind, engine, rows_expected, fig, detail)
 
 
