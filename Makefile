@@ -7,6 +7,7 @@ GPU ?=
 GPU_INDEX ?= https://pypi.org/simple
 ifeq ($(GPU),1)
 VENV := .venv-gpu
+BENCH_ARGS ?= --device cuda --engines torch,tensorflow
 else
 VENV := .venv
 endif
@@ -41,7 +42,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench-sql: setup
-	$(BIN)/cnnsql bench
+	$(BIN)/cnnsql bench $(BENCH_ARGS)
 
 report: setup
 	$(BIN)/cnnsql report

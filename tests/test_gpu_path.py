@@ -11,8 +11,8 @@ import time
 from conftest import REPO
 
 
-def make_dry_run(*args: str) -> list[str]:
-    out = subprocess.run(["make", "-n", "-B", "setup", *args], cwd=REPO, capture_output=True, text=True, check=True)
+def make_dry_run(*args: str, target: str = "setup") -> list[str]:
+    out = subprocess.run(["make", "-n", "-B", target, *args], cwd=REPO, capture_output=True, text=True, check=True)
     return out.stdout.splitlines()
 
 
@@ -27,6 +27,9 @@ def test_gpu_setup_uses_its_own_venv_and_the_cuda_builds():
     subs = re.findall(r"\$\((sed .*?pyproject\.toml)\)", text)
     versions = [subprocess.run(s, shell=True, cwd=REPO, capture_output=True, text=True).stdout.strip() for s in subs]
     assert versions == [pins["torch"], pins["tensorflow-cpu"]]  # the CUDA builds of the pinned versions
+    bench = [l for l in make_dry_run("GPU=1", target="bench-sql") if "cnnsql bench" in l]
+    assert bench == [".venv-gpu/bin/cnnsql bench --device cuda --engines torch,tensorflow"]
+    assert [l for l in make_dry_run(target="bench-sql") if "cnnsql bench" in l] == [".venv/bin/cnnsql bench "]
 
 
 def test_monitor_reads_gpu_utilisation_from_nvidia_smi(tmp_path, monkeypatch):
