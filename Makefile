@@ -1,6 +1,16 @@
 # Two commands: `make bench-sql` (the main job) and `make test`. Both call `make setup` first.
 PYTHON ?= python3.11
+# GPU=1: a separate venv, .venv-gpu, with the CUDA builds of PyTorch and TensorFlow from PyPI (same
+# versions, everything else as pinned); the default CPU venv .venv is never touched. Every target
+# (make bench-sql GPU=1, make test GPU=1, ...) then uses .venv-gpu. Not run here: no GPU machine.
+GPU ?=
+GPU_INDEX ?= https://pypi.org/simple
+ifeq ($(GPU),1)
+VENV := .venv-gpu
+BENCH_ARGS ?= --device cuda --engines torch,tensorflow
+else
 VENV := .venv
+endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -11,6 +21,16 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+ifeq ($(GPU),1)
+	$(BIN)/python -m pip uninstall --quiet -y torch tensorflow-cpu
+	$(BIN)/python -m pip freeze --exclude-editable > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet --index-url $(GPU_INDEX) -c $(VENV)/constraints.txt \
+	  "torch==$$(sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)" \
+	  "tensorflow[and-cuda]==$$(sed -n 's/.*"tensorflow-cpu==\([^"]*\)".*/\1/p' pyproject.toml)"
+	$(BIN)/python -c "import torch, tensorflow as tf; print('torch CUDA build', torch.version.cuda, \
+	  '- GPUs', torch.cuda.device_count(), '| TensorFlow CUDA build', tf.test.is_built_with_cuda(), \
+	  '- GPUs', len(tf.config.list_physical_devices('GPU')))"
+endif
 	@touch $(STAMP)
 
 # PL/Python 3 for PostgreSQL 15 (Debian), used by `cnnsql db functions install`. Needs root.
@@ -22,7 +42,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench-sql: setup
-	$(BIN)/cnnsql bench
+	$(BIN)/cnnsql bench $(BENCH_ARGS)
 
 report: setup
 	$(BIN)/cnnsql report

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import psycopg2
@@ -16,6 +14,7 @@ from psycopg2 import sql
 from tqdm import tqdm
 
 from . import cifar, db
+from . import synthetic as synthetic_data
 from .cifar import IMAGE_BYTES, Dataset, Split
 from .errors import CnnsqlError
 
@@ -122,11 +121,7 @@ def read_source(source: str | None = None, synthetic: int | None = None, seed: i
                 download: bool = True, progress: bool = True) -> Dataset:
     """The dataset to load: synthetic (said loudly) or CIFAR-10 from the resolved source."""
     if synthetic:
-        with tempfile.TemporaryDirectory(prefix="cnnsql-synthetic-") as tmp:
-            md5 = cifar.write_synthetic(Path(tmp), synthetic, seed=seed)
-            sizes = {n: (Path(tmp) / cifar.TOP / n).stat().st_size for n in md5}
-            data = cifar.read_dataset(Path(tmp), expected_md5=md5, kind="synthetic", expected_size=sizes)
-        data.source = f"synthetic:{synthetic}:seed={seed}"
+        data = synthetic_data.dataset(synthetic, seed=seed)  # streamed: memory does not grow with N
         print(f"SYNTHETIC data ({synthetic} train images): not CIFAR-10, for smoke tests only", file=sys.stderr)
         return data
     path = cifar.resolve_source(source, download=download, progress=progress)

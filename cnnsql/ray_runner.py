@@ -174,8 +174,9 @@ def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, 
     actors = []
     with results.logged_run(conn, session, **spec) as run:
         try:
-            actors = [Actor.options(num_cpus=threads).remote(*actor_args(engine, weights_ref, threads, *where))
-                      for _ in range(workers)]
+            # SPREAD: one worker per node before two on one (the default packs the driver's node first)
+            actors = [Actor.options(num_cpus=threads, scheduling_strategy="SPREAD")
+                      .remote(*actor_args(engine, weights_ref, threads, *where)) for _ in range(workers)]
             ray.get([a.warmup.remote() for a in actors])
             if cfg.progress:
                 print(f"[ray {engine} x{workers}] {n} images in {len(shards)} shards, pids "

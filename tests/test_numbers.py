@@ -109,9 +109,10 @@ def test_cli_defaults_are_the_bench_config_defaults():
 
     args = build_parser().parse_args(["bench"])
     d = bench_config.BenchConfig()
-    for name in ("engines", "repetitions", "warmup", "threads", "batch_sizes", "single_stream", "sql_single_stream",
-                 "train_epochs", "limit", "sample", "results_dir"):
+    for name in ("repetitions", "warmup", "threads", "batch_sizes", "single_stream", "sql_single_stream",
+                 "train_epochs", "limit", "sample", "results_dir", "dataset", "model"):
         assert getattr(args, name) == getattr(d, name), name
+    assert args.engines is None  # no --engines: BenchConfig's engines, less those that cannot run the model
 
 
 # --- results files and the README --------------------------------------------------------------
