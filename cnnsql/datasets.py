@@ -136,6 +136,7 @@ def info(conn, name: str | None = None) -> DatasetInfo:
     if name == DEFAULT:
         from . import data, results
 
+        db.require_tables(conn, "cifar_image", creator="cnnsql load")
         meta = results.dataset_info(conn)
         if "test" not in meta:
             raise CnnsqlError("CIFAR-10 is not loaded", "run `cnnsql load` first")
