@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cnnsql import db, evadb_session
+from cnnsql import evadb_session
 from cnnsql.evadb_function import default_weights
 
 
@@ -44,11 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     if not default_weights().exists():
         raise SystemExit(f"no weights at {default_weights()}: run `cnnsql bench` or `cnnsql train` first")
-    with db.connection() as conn, conn.cursor() as cur:
-        cur.execute("CREATE OR REPLACE VIEW cifar_test_head AS SELECT id, label, img FROM cifar_test WHERE id < %s",
-                    (args.rows,))
-        conn.commit()
-    query = "SELECT id, TorchCNN(img) FROM pg.cifar_test_head;"
+    query = f"SELECT id, TorchCNN(img) FROM pg.cifar_test WHERE id < {int(args.rows)};"  # pushed down
     with tempfile.TemporaryDirectory() as tmp:
         cursor = evadb_session.connect(evadb_dir=Path(tmp))
         plain = timed(cursor, query, args.repetitions)
