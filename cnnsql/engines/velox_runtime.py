@@ -27,6 +27,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..errors import CnnsqlError
+
 
 @functools.cache
 def load() -> SimpleNamespace:
@@ -155,5 +157,6 @@ def rows_by_id(batches, column: str, n: int, width: int) -> np.ndarray:
         out[rid] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(rid), width)
         np.add.at(seen, rid, 1)
     if not (seen == 1).all():
-        raise RuntimeError(f"Velox returned {int(seen.sum())} rows for {n} images (ids missing or repeated)")
+        raise CnnsqlError(f"Velox returned {int(seen.sum())} rows for {n} images (ids missing or repeated)",
+                          "no result is given; rerun with --debug and report it, or use another engine")
     return out
