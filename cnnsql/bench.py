@@ -405,7 +405,7 @@ def format_table(rows: list[dict]) -> str:
             ("SQL/raw [min-max]", ">22"), ("accuracy [95% CI]", ">22"), ("agree", ">7"), ("p50 ms", ">8"),
             ("p99 ms", ">8"), ("SQL 1-img ms", ">13"), ("CPU s raw/SQL", ">14"), ("PG img/s", ">9"),
             ("PG 1-img ms", ">12"), ("noisy", ">7")]
-    head = "".join(f"{c:{f}}" for c, f in cols)
+    head = "  ".join(f"{c:{f}}" for c, f in cols)  # two spaces: a cell that fills its width stays apart
     lines = [head, "-" * len(head)]
     for r in rows:
         fractions = [a["fraction"] for a in r.get("agreement", {}).values()]
@@ -415,7 +415,7 @@ def format_table(rows: list[dict]) -> str:
                  f"{min(fractions):.3f}" if fractions else "-", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                  f"{r['sql_p50_ms']:.1f}", f"{r['raw_cpu_s']:.2f}/{r['sql_cpu_s']:.2f}",
                  _opt(r.get("indb_ips"), 1), _opt(r.get("indb_p50_ms"), 2), "NOISY" if r["noisy"] else "no"]
-        lines.append("".join(f"{c:{f}}" for c, (_, f) in zip(cells, cols)))
+        lines.append("  ".join(f"{c:{f}}" for c, (_, f) in zip(cells, cols)))
     return "\n".join(lines)
 
 

@@ -81,10 +81,12 @@ def render(sessions: list[tuple[str, dict]]) -> str:
         why = f"other processes used up to {100 * share:.0f}% of the CPU" + (
             f", rounds spread up to {100 * spread:.0f}%" if spread else "")
         weights = Path(s["weights"]).name if s.get("weights") else "the default model"
+        rounds = s.get("repetitions") or "/".join(str(k) for k in sorted(  # None: each engine's own default
+            {r["repetitions"] for r in doc["runs"] if r.get("scenario") == "offline" and r.get("repetitions")})) or "-"
         out += [f"**Session {doc['session']}** ({doc['started_at'][:16].replace('T', ' ')} UTC, {m['host']}, "
                 f"git {doc.get('git_commit') or '-'}, load average at start "
                 f"{', '.join(map(str, m.get('load_at_start') or [])) or '-'}; {s.get('threads')} threads, "
-                f"{s.get('warmup')} warm-up + {s.get('repetitions')} timed rounds, raw/SQL/fetch interleaved; "
+                f"{s.get('warmup')} warm-up + {rounds} timed rounds, raw/SQL/fetch interleaved; "
                 f"weights {weights}; file `results/sessions/{name}`): "
                 + (f"{len(noisy)} of {len(doc['runs'])} runs **noisy** ({why})." if noisy else
                    "no run flagged noisy."), ""]

@@ -102,6 +102,9 @@ def test_table_prints_ranges_and_the_noisy_flag():
     lines = text.splitlines()
     assert lines[2].rstrip().endswith("no") and lines[3].rstrip().endswith("NOISY")
     assert "None" not in text and "nan" not in text
+    wide = {**row(), "n": 10000, "raw_ips": [1210.4, 1228.7, 1234.5], "sql_ips": [1016.9, 1089.0, 1092.1]}
+    cells = format_table([wide]).splitlines()[2].split()
+    assert cells[:3] == ["torch", "10000", "1228.7"], cells  # cells that fill their width stay apart
 
 
 def test_cli_defaults_are_the_bench_config_defaults():
