@@ -141,3 +141,25 @@ def test_train_rejects_bad_input():
         train("velox", x, np.zeros(4), x, np.zeros(4), epochs=1, batch_size=2, seed=0)
     with pytest.raises(CnnsqlError, match="labels"):
         train("torch", x, np.full(4, 12), x, np.zeros(4), epochs=1, batch_size=2, seed=0)
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_the_base_class_validates_once_and_forward_sees_chunks(engines, weights, name, monkeypatch):
+    """One validation per call (base.check_images), then `forward` gets (n, 3, 32, 32) uint8 pieces
+    of at most the engine's chunk and the batch: 150 images in batches of 100 with chunk 64 run as
+    64, 64, 22 (the executed batch the benchmark logs is 64)."""
+    from cnnsql.engines import base
+
+    engine = engines[name]
+    checks, seen = [], []
+    real_check, real_forward = base.check_images, engine.forward
+    monkeypatch.setattr(base, "check_images", lambda *a, **k: checks.append(1) or real_check(*a, **k))
+    monkeypatch.setattr(engine, "forward", lambda x: seen.append(x.shape) or real_forward(x))
+    x = images(150, seed=4)
+    p = engine.predict(x.reshape(150, -1), batch_size=100)
+    assert len(checks) == 1
+    assert [s[0] for s in seen] == [64, 64, 22] and all(s[1:] == (3, 32, 32) for s in seen)
+    assert engine.executed_batch(100) == 64 and engine.executed_batch(16) == 16
+    np.testing.assert_allclose(p, reference_forward(weights, x), atol=1e-4)
+    with pytest.raises(CnnsqlError, match="uint8"):
+        engine.predict_proba(x.astype(np.float32))

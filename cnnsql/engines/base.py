@@ -33,8 +33,10 @@ def tune_malloc() -> bool:
 class Engine(ABC):
     """A CNN inference engine.
 
-    Subclasses convert the framework-neutral `Weights` to their own layout in `__init__`
-    and implement `predict_proba`. `threads` caps intra-op threads (None: framework default).
+    Subclasses convert the framework-neutral `Weights` to their own layout in `__init__` and
+    implement one call, `forward`; this class validates the images once and splits every call into
+    batches (`predict`) and the framework's chunks (`chunk`). `threads` caps intra-op threads (None:
+    framework default).
     """
 
     name: ClassVar[str]
@@ -49,6 +51,7 @@ class Engine(ABC):
     bench_sweep_images: ClassVar[int | None] = None
     bench_single_stream: ClassVar[int | None] = None
     bench_repetitions: ClassVar[int | None] = None  # timed calls per offline phase unless --repetitions
+    chunk: int | None = None  # most images per `forward` call (None: a whole batch); set per instance
 
     @classmethod
     def cannot_run(cls, spec) -> str | None:
@@ -68,31 +71,39 @@ class Engine(ABC):
         tune_malloc()
 
     @abstractmethod
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        """The engine's one call: validated uint8 images (n, C, H, W), 1 <= n <= `chunk` when it is
+        set, channel-major, the model's input shape -> float32 class probabilities (n, classes)."""
+
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images (N, C, H, W) channel-major (the model's input shape; (N, 3, 32, 32) for the
-        study's CNN) -> float32 class probabilities (N, classes)."""
+        """uint8 images (N, C, H, W) or (N, C*H*W), the model's input shape ((3, 32, 32) for the study's
+        CNN) -> float32 class probabilities (N, classes): one call of any size."""
+        images = check_images(images, self.spec.input_shape)
+        return self._batched(images, len(images))
 
     def predict(self, images: np.ndarray, batch_size: int | None = None, on_batch=None) -> np.ndarray:
-        """Probabilities for any number of images, in batches of `batch_size` (the one place a call
-        is split into batches; `on_batch(n)` is told each batch's size, e.g. a progress bar)."""
+        """Probabilities for any number of images in calls of `batch_size` (the one place a call is
+        split; `on_batch(n)` is told each executed batch's size, e.g. for a progress bar)."""
         images = check_images(images, self.spec.input_shape)
-        bs = batch_size or self.default_batch_size
+        return self._batched(images, batch_size or self.default_batch_size, on_batch)
+
+    def _batched(self, images: np.ndarray, batch_size: int, on_batch=None) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.spec.num_classes), dtype=np.float32)
+        step = self.executed_batch(batch_size)
         parts = []
-        for i in range(0, len(images), bs):
-            parts.append(self.predict_proba(images[i:i + bs]))
+        for i in range(0, len(images), step):
+            parts.append(self.forward(images[i:i + step]))
             if on_batch is not None:
                 on_batch(len(parts[-1]))
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def executed_batch(self, batch_size: int | None = None) -> int:
-        """Images per framework call for a `predict(..., batch_size)`: an engine that splits a batch
-        into chunks (its `chunk` attribute: torch, TensorFlow) executes the smaller of the two. Logged
-        with every benchmark run, so a batch sweep says what the framework ran."""
-        bs = batch_size or self.default_batch_size
-        chunk = getattr(self, "chunk", None)
-        return min(bs, chunk) if chunk else bs
+        """Images per `forward` call for a `predict(..., batch_size)`: the smaller of the batch and the
+        engine's `chunk` (torch, TensorFlow). Logged with every benchmark run, so a batch sweep says
+        what the framework ran."""
+        bs = max(1, batch_size or self.default_batch_size)
+        return min(bs, self.chunk) if self.chunk else bs
 
     def describe(self) -> dict:
         """Versions and settings, logged with every benchmark run (bench_run.detail->'engine')."""

@@ -13,8 +13,8 @@ import numpy as np
 from ..errors import CnnsqlError
 from ..model_spec import STUDY, ModelSpec
 from ..weights import Weights
-from .base import Engine, check_images
-from .torch_engine import DEFAULT_CHUNK, run_chunked  # framework-free helpers; torch is imported lazily
+from .base import Engine
+from .torch_engine import DEFAULT_CHUNK  # torch itself is imported lazily
 
 # Measured on 2 Sapphire Rapids cores (benchmarks/raw_speed.py): without XLA, TF runs its oneDNN
 # kernels (~3,500 images/s at batch 64); XLA's CPU convolutions reach only ~1,500.
@@ -196,11 +196,9 @@ class TensorflowEngine(Engine):
 
         self._proba = proba
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        tf = import_tf()
-        images = np.ascontiguousarray(check_images(images, self.spec.input_shape))
-        with tf.device(self._tf_device):
-            return run_chunked(lambda x: self._proba(x).numpy(), images, self.chunk, self.spec.num_classes)
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        with import_tf().device(self._tf_device):
+            return self._proba(np.ascontiguousarray(images)).numpy()
 
     def describe(self) -> dict:
         tf = import_tf()

@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import CnnsqlError
 from ..model_spec import STUDY, ModelSpec, conv_padding
 from ..weights import Weights
-from .base import Engine, check_images
+from .base import Engine
 
 # Measured on 2 Sapphire Rapids cores (benchmarks/raw_speed.py): channels_last is ~40% faster than
 # eager NCHW; "compile" (torch.compile/inductor) is within ~5% of it but costs seconds of compiling
@@ -30,15 +30,6 @@ def import_torch():
     import torch
 
     return torch
-
-
-def run_chunked(fn, images: np.ndarray, chunk: int | None, num_classes: int = 10) -> np.ndarray:
-    """fn over consecutive chunks of `images`, concatenated (float32 (N, classes)). Shared with TensorFlow."""
-    if len(images) == 0:
-        return np.zeros((0, num_classes), dtype=np.float32)
-    step = chunk or len(images)
-    parts = [fn(images[i:i + step]) for i in range(0, len(images), step)]
-    return np.concatenate(parts).astype(np.float32, copy=False)
 
 
 def build_model(spec: ModelSpec = STUDY):
@@ -145,21 +136,15 @@ class TorchEngine(Engine):
         model = model.to(memory_format=self._memory_format)
         self._model = torch.compile(model, dynamic=False) if mode == "compile" else model
 
-    def _proba(self, images: np.ndarray) -> np.ndarray:
+    def forward(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(images).to(self._dev)
-        x = x.to(torch.float32).div_(255.0).contiguous(memory_format=self._memory_format)
-        return torch.softmax(self._model(x), dim=1).cpu().numpy()
-
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        images = check_images(images, self.spec.input_shape)
         if not (images.flags.c_contiguous and images.flags.writeable):  # torch warns on read-only arrays
             images = np.array(images, order="C")
         with torch.inference_mode():
-            return run_chunked(self._proba, images, self.chunk, self.spec.num_classes)
+            x = torch.from_numpy(images).to(self._dev)
+            x = x.to(torch.float32).div_(255.0).contiguous(memory_format=self._memory_format)
+            return torch.softmax(self._model(x), dim=1).cpu().numpy()
 
     def describe(self) -> dict:
         import torch

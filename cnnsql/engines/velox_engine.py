@@ -135,26 +135,21 @@ class VeloxEngine(Engine):
         with velox_runtime.execute(plan, drivers, QUERY_CONFIG) as result:
             return velox_runtime.rows_by_id(result.batches, vp.OUTPUT[stage], n, width)
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        images = check_images(images, self.spec.input_shape)
-        classes = self.spec.num_classes
-        if len(images) == 0:
-            return np.empty((0, classes), dtype=np.float32)
+    def _plan(self, images: np.ndarray):
+        """The forward plan over `images` and the name of its output column."""
         if self.plan_kind == "study":
-            return self.run_stage(images, "softmax", classes)
+            return vp.forward_plan(self._v.PlanBuilder, self._inputs(images)), vp.OUTPUT["softmax"]
         inputs = self._inputs(images)
-        plan = vl.forward_plan(self._v.PlanBuilder, self._ops, inputs.tickets, inputs.images)
+        return vl.forward_plan(self._v.PlanBuilder, self._ops, inputs.tickets, inputs.images), "a"
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        plan, column = self._plan(images)
         with velox_runtime.execute(plan, max(1, min(self.drivers, len(images))), QUERY_CONFIG) as result:
-            return velox_runtime.rows_by_id(result.batches, "a", len(images), classes)
+            return velox_runtime.rows_by_id(result.batches, column, len(images), self.spec.num_classes)
 
     def profile(self, images: np.ndarray) -> dict[str, float]:
         """Velox's operator CPU time (ms) per stage of one forward pass over `images`."""
-        images = check_images(images, self.spec.input_shape)
-        if self.plan_kind == "study":
-            plan = vp.forward_plan(self._v.PlanBuilder, self._inputs(images))
-        else:
-            inputs = self._inputs(images)
-            plan = vl.forward_plan(self._v.PlanBuilder, self._ops, inputs.tickets, inputs.images)
+        plan, _ = self._plan(check_images(images, self.spec.input_shape))
         with velox_runtime.execute(plan, max(1, min(self.drivers, len(images))), QUERY_CONFIG) as result:
             text = result.runner.print_plan_with_stats()
         return stage_cpu_ms(text)
