@@ -65,7 +65,7 @@ class Phase:
     sides: list[Side]
     reps: int
     warmup: int
-    monitor_pid: int | None = None              # whose process tree is ours (default: this process)
+    monitor_pid: int | None = None              # the process measured (default: this one); its tree is ours
     ratios: list[tuple[str, str]] = field(default_factory=list)  # (numerator, denominator) side keys
     after: Callable[[dict], None] | None = None  # called with {key: results} before the runs are logged
     note: str = ""                              # progress line printed when the phase starts
@@ -76,6 +76,7 @@ class Bench:
         self.cfg = cfg
         self.target = target or db.resolve()
         self.conn = db.connect(self.target)
+        self.server_pid = db.private_server_pid(self.conn) if self.target.private else None  # its CPU is ours
         self.session = results.new_session_id()
         self.sql_predictions: dict[str, pd.Series] = {}
         self.sql_runs: dict[str, int] = {}
@@ -178,7 +179,7 @@ class Bench:
                 for s in phase.sides:
                     (s.warm or s.call)()
             last = {}
-            with stats.Clock(phase.monitor_pid) as clock:
+            with stats.Clock((phase.monitor_pid, self.server_pid)) as clock:
                 for _ in range(phase.reps):
                     for s in phase.sides:
                         with monitors[s.key]:

@@ -114,6 +114,16 @@ def connection(target: Target | None = None):
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 
+def private_server_pid(conn) -> int | None:
+    """The private cluster's postmaster (the parent of this connection's backend), or None."""
+    import psutil
+
+    try:
+        return psutil.Process(conn.get_backend_pid()).ppid() or None
+    except psutil.Error:
+        return None
+
+
 def sql_file(name: str) -> str:
     return (SQL_DIR / name).read_text()
 

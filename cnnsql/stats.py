@@ -5,7 +5,9 @@ ratio is the median of per-repetition ratios of interleaved pairs (raw, SQL, raw
 their min and max; an accuracy carries its Wilson 95% interval and sample size.
 
 A run is **noisy** when, during its timed repetitions, processes outside the benchmark's process
-tree used more than NOISY_OTHERS_CPU of the machine's CPU time, or when its repetitions spread
+tree used more than NOISY_OTHERS_CPU of the machine's CPU time (the tree: this process, its children,
+and the private PostgreSQL cluster's server processes, whose backends do the SQL path's work; an
+external server's processes count as other), or when its repetitions spread
 (max - min) / median more than NOISY_SPREAD. Single-stream phases (one-image calls whose spread is
 the latency distribution itself) and runs whose median call is shorter than MIN_JUDGE_S (a 30 ms
 fetch jitters more than 15% on an idle machine) are judged by the first rule only; a phase whose
@@ -77,22 +79,36 @@ def process_tree(proc: psutil.Process | None) -> list[psutil.Process]:
         return [proc]
 
 
-def tree_cpu_s(procs: list[psutil.Process], own_first: bool) -> float:
-    """User + system CPU seconds of `procs`, threads included. This process's own share comes from
+def trees(roots: tuple[int, ...] = ()) -> list[psutil.Process]:
+    """This process and its children plus the trees of `roots` (pids), each process once."""
+    procs = {}
+    for root in (None, *roots):
+        try:
+            tree = process_tree(psutil.Process(root) if root else None)
+        except psutil.Error:  # the root is gone
+            continue
+        procs.update((p.pid, p) for p in tree)
+    return list(procs.values())
+
+
+def cpu_by_pid(procs: list[psutil.Process], own_first: bool) -> dict[int, float]:
+    """User + system CPU seconds per process, threads included. This process's own comes from
     CLOCK_PROCESS_CPUTIME_ID (nanoseconds; /proc ticks at 10 ms, too coarse for one-image calls),
-    read first (before a call: own_first False, after: True) so the reading itself is not counted."""
+    read first after a call (own_first) and last before one, so the readings themselves are not
+    counted (0.3 ms for 8 processes)."""
     me = os.getpid()
-    own = time.process_time() if own_first else None
-    total = 0.0
+    out = {me: time.process_time()} if own_first else {}
     for p in procs:
         if p.pid == me:
             continue
         try:
             t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
+        except psutil.Error:  # exited: its CPU since the last reading is lost (counted as other)
             continue
-    return total + (own if own is not None else time.process_time())
+        out[p.pid] = t.user + t.system
+    if not own_first:
+        out[me] = time.process_time()
+    return out
 
 
 def machine_busy_s() -> float:
@@ -105,11 +121,13 @@ class Clock:
     """Times the calls of one phase: wall and process-tree CPU per call, per key (the interleaved
     sides of a comparison), and what the rest of the machine used over the phase's timed window.
 
-    `pid`: a process whose tree also counts as the benchmark's (a PostgreSQL backend for the
-    in-database placement); this process and its children always do."""
+    `roots`: pids whose process trees also count as the benchmark's (the private PostgreSQL cluster's
+    postmaster; a backend for the in-database placement); this process and its children always do.
+    The trees are read when the timed window opens, after the warm-up calls have opened the
+    connections (reading them costs ~4 ms, too much per call)."""
 
-    def __init__(self, pid: int | None = None):
-        self._pid = pid
+    def __init__(self, roots: tuple[int, ...] = ()):
+        self._roots = tuple(r for r in roots if r)
         self._procs: list[psutil.Process] = []
         self.walls: dict[str, list[float]] = {}
         self.cpus: dict[str, list[float]] = {}
@@ -117,8 +135,7 @@ class Clock:
         self._window = None
 
     def __enter__(self):
-        # ours: this process and its children, plus (in-database placement) the backend and its children
-        self._procs = process_tree(None) + (process_tree(psutil.Process(self._pid)) if self._pid else [])
+        self._procs = trees(self._roots)
         self._window = (machine_busy_s(), time.perf_counter())
         return self
 
@@ -128,11 +145,12 @@ class Clock:
         return False
 
     def time(self, key: str, call):
-        cpu0 = tree_cpu_s(self._procs, own_first=False)
+        before = cpu_by_pid(self._procs, own_first=False)
         t0 = time.perf_counter()
         out = call()
         wall = time.perf_counter() - t0
-        cpu = max(0.0, tree_cpu_s(self._procs, own_first=True) - cpu0)
+        after = cpu_by_pid(self._procs, own_first=True)
+        cpu = max(0.0, sum(c - before.get(pid, 0.0) for pid, c in after.items()))
         self.walls.setdefault(key, []).append(wall)
         self.cpus.setdefault(key, []).append(cpu)
         self._ours += cpu

@@ -4,6 +4,7 @@ conformance check of what every registered engine declares."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -72,6 +73,32 @@ def test_clock_counts_its_own_cpu_and_flags_a_competing_process():
     assert all(0 < c <= w + 0.02 for c, w in zip(cpus, walls)), (cpus, walls)
     assert verdict["noisy"] and verdict["others_cpu_share"] > stats.NOISY_OTHERS_CPU
     assert any("other processes" in r for r in verdict["noise_reasons"])
+
+
+def test_the_private_servers_work_is_the_benchmarks_not_others(conn):
+    """A query's CPU in the PostgreSQL backend counts as the benchmark's when the Clock is given the
+    private cluster's postmaster (as `cnnsql bench` does), and as other processes' when it is not."""
+    from cnnsql import db
+
+    server = db.private_server_pid(conn)
+    assert server and server != os.getpid()
+
+    def query():
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM generate_series(1, 6000000)")  # ~0.5 s of backend CPU
+            return cur.fetchone()
+
+    verdicts = {}
+    for roots in ((server,), ()):
+        with stats.Clock(roots) as clock:
+            for _ in range(3):
+                clock.time("q", query)
+        verdicts[roots] = (clock.verdict("q", judge_spread=False), clock.cpus["q"], clock.walls["q"])
+    ours, cpus, walls = verdicts[(server,)]
+    assert all(c > 0.7 * w for c, w in zip(cpus, walls)), (cpus, walls)  # the backend's CPU is ours
+    assert not ours["noisy"], ours
+    theirs, cpus, _ = verdicts[()]
+    assert max(cpus) < 0.2 and theirs["noisy"] and theirs["others_cpu_share"] > stats.NOISY_OTHERS_CPU
 
 
 def test_spread_threshold_flags_and_single_stream_is_exempt():
