@@ -22,10 +22,11 @@ class BenchConfig:
     sample: int | None = None           # test images for engines with a bench_sample (default: theirs)
     full: bool = False                  # every engine on every test image
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
-    sweep_images: int = 1024            # images per batch-size point (or the engine's bench_sweep_images)
+    sweep_images: int = 512             # images per batch-size point (or the engine's bench_sweep_images)
     single_stream: int = 100            # one-image calls for the latency scenario (or bench_single_stream)
     sql_single_stream: int = 5          # one-image SQL queries
-    train_epochs: int = 2               # when no weights exist: a short default model
+    train_epochs: int = 1               # when no weights exist: a short default model (~3.5 min; 2 epochs
+                                        # exceeded the 15-minute budget of a first `make bench-sql`)
     results_dir: Path | None = field(default_factory=lambda: default_results_dir())  # a JSON file per session
     progress: bool = True
     dataset: str | None = None          # cifar10 (default) or a `cnnsql load --images` dataset
@@ -39,9 +40,11 @@ class BenchConfig:
             return available
         return min((self.limit or available) if default is None else (self.sample or default), available)
 
-    def reps(self, engine: str | None = None) -> int:
-        """Timed rounds per phase: --repetitions, else the engine's declared default, else 3."""
-        declared = engine_class(engine).bench_repetitions if engine else None
+    def reps(self, engine: str | None = None, indb: bool = False) -> int:
+        """Timed rounds per phase: --repetitions, else the engine's declared default (for the in-PostgreSQL
+        phase its bench_indb_repetitions, if declared), else 3."""
+        cls = engine_class(engine) if engine else None
+        declared = cls and ((indb and cls.bench_indb_repetitions) or cls.bench_repetitions)
         return self.repetitions or declared or 3
 
 

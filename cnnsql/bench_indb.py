@@ -95,7 +95,8 @@ class InDatabase:
 
         warm = query(OFFLINE, conn, function + "_batch", batch=batch, n=warm_n)
         off = bench.phase({**common, "kind": "indb", "scenario": "offline", "query": q}, lambda: fetch(q),
-                          cfg.reps(name), cfg.warmup, n, evaluate, warm=lambda: fetch(warm), monitor_pid=pid)
+                          cfg.reps(name, indb=True), cfg.warmup, n, evaluate, warm=lambda: fetch(warm),
+                          monitor_pid=pid)
         q1 = query(SINGLE, conn, function)
         ids = itertools.cycle(range(n))
         bench.say(f"[{name}] in PostgreSQL single-stream: {single_calls} x {q1}")

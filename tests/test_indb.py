@@ -222,7 +222,7 @@ def test_bench_measures_inside_postgres(bench_session, plpython):
         if scenario == "offline":
             assert detail["matches_raw"] == 1.0 and detail["max_prob_diff_vs_raw"] <= 1e-5
             assert detail["backend_vmhwm_mb"] > 100  # the engine lives in the server backend
-            assert n == {"velox": 4}.get(engine, 300) and ips > 0
+            assert n == 4 and ips > 0  # the sample every engine runs (Velox's --sample), not torch's 300
         else:
             assert p50 > 0
 

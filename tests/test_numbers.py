@@ -187,7 +187,8 @@ def test_engine_declares_its_capabilities(name):
     assert cls.name == name
     assert cls.devices and "cpu" in cls.devices
     assert isinstance(cls.default_batch_size, int) and cls.default_batch_size > 0
-    for attr in ("bench_sample", "bench_warmup_images", "bench_sweep_images", "bench_single_stream"):
+    for attr in ("bench_sample", "bench_warmup_images", "bench_sweep_images", "bench_single_stream",
+                 "bench_repetitions", "bench_indb_repetitions"):
         value = getattr(cls, attr)
         assert value is None or (isinstance(value, int) and value > 0), attr
     # its SQL function exists for EvaDB (evadb_udfs/<name>_cnn.py, registered in sql/evadb_setup.sql)

@@ -182,7 +182,10 @@ def test_bench_sizes_come_from_the_engine_class():
 
 
 def test_bench_repetitions_default_per_engine():
-    """Velox declares 2 timed passes per offline phase (the 15-minute budget); --repetitions overrides."""
+    """Velox declares 2 timed passes per offline phase and 1 in PostgreSQL (the 15-minute budget);
+    --repetitions overrides both."""
     from cnnsql.bench import BenchConfig
     assert BenchConfig().reps("velox") == 2 and BenchConfig().reps("torch") == 3 and BenchConfig().reps() == 3
+    assert BenchConfig().reps("velox", indb=True) == 1 and BenchConfig().reps("torch", indb=True) == 3
     assert BenchConfig(repetitions=5).reps("velox") == 5 and BenchConfig(repetitions=1).reps("torch") == 1
+    assert BenchConfig(repetitions=4).reps("velox", indb=True) == 4

@@ -51,6 +51,7 @@ class Engine(ABC):
     bench_sweep_images: ClassVar[int | None] = None
     bench_single_stream: ClassVar[int | None] = None
     bench_repetitions: ClassVar[int | None] = None  # timed calls per offline phase unless --repetitions
+    bench_indb_repetitions: ClassVar[int | None] = None  # in PostgreSQL's offline phase (default: the above)
     chunk: int | None = None  # most images per `forward` call (None: a whole batch); set per instance
 
     @classmethod

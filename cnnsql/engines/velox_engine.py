@@ -53,12 +53,13 @@ class VeloxEngine(Engine):
     name = "velox"
     devices = ("cpu",)
     default_batch_size = 32      # images per plan (prototype, 2 drivers: 27.5-28.7 images/s with 8, 33.2 with 32)
-    bench_sample = 1000          # `cnnsql bench`: test images by default (--full: all), ~40 s per pass
+    bench_sample = 1000          # `cnnsql bench`: test images by default (--full: all), ~65 s per pass
     bench_warmup_images = 64     # the warm-up compiles the plan: a whole 1,000-image pass is not needed
     bench_sweep_images = 32      # images per batch-size point of the sweep
     bench_single_stream = 10     # one-image calls of the single-stream phase
-    bench_repetitions = 2        # timed passes per offline phase (raw, SQL, in PostgreSQL): 6 x 1,000 images
-                                 # instead of 9 x 1,000 keeps `make bench-sql` inside 15 minutes (VELOX.md)
+    bench_repetitions = 2        # timed passes per offline phase (raw and SQL, interleaved: a ratio with a range)
+    bench_indb_repetitions = 1   # and in PostgreSQL: 5 x 1,000 images instead of 9 x 1,000 keep the default
+                                 # `make bench-sql` inside 15 minutes from a clean clone (VELOX.md)
     TICKETS = 16                 # image splits: batch rows go to ticket rid % TICKETS
     FC1_BLOCKS = 8               # fc1 weight blocks of 64 neurons (the fc1 pipeline's splits)
     # Generated plans (models other than the study's): 3x3 conv + 2x2 max-pool as Winograd F(4,3)?
