@@ -299,7 +299,7 @@ def _where_to_put_it() -> str:
 
 
 def _download(dest: Path, progress: bool) -> Path:
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
@@ -307,7 +307,7 @@ def _download(dest: Path, progress: bool) -> Path:
     try:
         with urllib.request.urlopen(URL, timeout=20) as resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="download CIFAR-10", disable=not progress) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc="download CIFAR-10", disable=not progress) as bar:
                 while chunk := resp.read(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)

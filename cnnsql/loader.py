@@ -11,7 +11,7 @@ import time
 import numpy as np
 import psycopg2
 from psycopg2 import sql
-from tqdm import tqdm
+from .progress import progress_bar
 
 from . import cifar, db
 from . import synthetic as synthetic_data
@@ -39,7 +39,7 @@ def _copy_rows(split: Split, start: int, stop: int) -> bytes:
 class _CopyStream:
     """File-like object psycopg2's copy_expert reads: header, row chunks, trailer; updates a bar."""
 
-    def __init__(self, split: Split, bar: tqdm):
+    def __init__(self, split: Split, bar):  # bar: a progress.progress_bar()
         self.split, self.bar = split, bar
         self.chunks = self._gen()
         self.buf = b""
@@ -97,7 +97,7 @@ def _load_split(cur, conn, data: Dataset, name: str, split: Split, progress: boo
     t0 = time.perf_counter()
     n = len(split.labels)
     partition = sql.Identifier(f"cifar_image_{name}")
-    with tqdm(total=n, unit="img", unit_scale=True, desc=f"load {name}", disable=not progress) as bar:
+    with progress_bar(total=n, unit="img", unit_scale=True, desc=f"load {name}", disable=not progress) as bar:
         cur.execute(sql.SQL("TRUNCATE {}").format(partition))
         cur.copy_expert(sql.SQL("COPY {} (split, id, label, img) FROM STDIN (FORMAT binary)")
                         .format(partition).as_string(conn), _CopyStream(split, bar), size=1 << 20)

@@ -5,7 +5,7 @@ import csv
 import sys
 
 import numpy as np
-from tqdm import tqdm
+from .progress import progress_bar
 
 from . import datasets, db, model_spec
 from .engines import get_engine
@@ -14,7 +14,7 @@ from .weights import load_weights
 
 def predict_images(engine, images: np.ndarray, batch_size: int | None = None, progress: bool = True) -> np.ndarray:
     """The engine's batched predict (Engine.predict splits the call), with a progress bar."""
-    with tqdm(total=len(images), unit="img", desc=f"predict {engine.name}", disable=not progress) as bar:
+    with progress_bar(total=len(images), unit="img", desc=f"predict {engine.name}", disable=not progress) as bar:
         return engine.predict(images, batch_size, on_batch=bar.update)
 
 

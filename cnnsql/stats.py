@@ -111,6 +111,11 @@ def cpu_by_pid(procs: list[psutil.Process], own_first: bool) -> dict[int, float]
     return out
 
 
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two cpu_by_pid readings (a process new in `after` counts from zero)."""
+    return max(0.0, sum(c - before.get(pid, 0.0) for pid, c in after.items()))
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
     t = psutil.cpu_times()
@@ -124,7 +129,10 @@ class Clock:
     `roots`: pids whose process trees also count as the benchmark's (the private PostgreSQL cluster's
     postmaster; a backend for the in-database placement); this process and its children always do.
     The trees are read when the timed window opens, after the warm-up calls have opened the
-    connections (reading them costs ~4 ms, too much per call)."""
+    connections (reading them costs ~4 ms, too much per call). Their CPU over the whole window is
+    ours, the harness's work between calls included (a progress sampler, these readings): summing
+    only the calls left 5 ms of it per one-image call to "other processes" and flagged idle
+    single-stream phases noisy (others 18-48%)."""
 
     def __init__(self, roots: tuple[int, ...] = ()):
         self._roots = tuple(r for r in roots if r)
@@ -136,12 +144,14 @@ class Clock:
 
     def __enter__(self):
         self._procs = trees(self._roots)
+        self._cpu0 = cpu_by_pid(self._procs, own_first=False)
         self._window = (machine_busy_s(), time.perf_counter())
         return self
 
     def __exit__(self, *exc):
         busy0, t0 = self._window
         self._window = (machine_busy_s() - busy0, time.perf_counter() - t0)
+        self._ours = cpu_delta(self._cpu0, cpu_by_pid(self._procs, own_first=True))
         return False
 
     def time(self, key: str, call):
@@ -149,11 +159,9 @@ class Clock:
         t0 = time.perf_counter()
         out = call()
         wall = time.perf_counter() - t0
-        after = cpu_by_pid(self._procs, own_first=True)
-        cpu = max(0.0, sum(c - before.get(pid, 0.0) for pid, c in after.items()))
+        cpu = cpu_delta(before, cpu_by_pid(self._procs, own_first=True))
         self.walls.setdefault(key, []).append(wall)
         self.cpus.setdefault(key, []).append(cpu)
-        self._ours += cpu
         return out
 
     def others_share(self) -> float:

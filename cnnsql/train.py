@@ -101,9 +101,9 @@ def batches(n: int, batch_size: int, rng: np.random.Generator):
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+    from . import progress
 
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, disable=not enabled, leave=True)
+    return progress.progress_bar(total=total, desc=desc, unit="img", unit_scale=True, disable=not enabled, leave=True)
 
 
 class EpochStats:

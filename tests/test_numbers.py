@@ -75,6 +75,17 @@ def test_clock_counts_its_own_cpu_and_flags_a_competing_process():
     assert any("other processes" in r for r in verdict["noise_reasons"])
 
 
+def test_the_harness_work_between_calls_is_ours():
+    """Work of this process between the timed calls (a sampler, the readings) is the benchmark's,
+    not "other processes'": 30 one-image-sized calls with 4x their time of harness work between them."""
+    with stats.Clock() as clock:
+        for _ in range(30):
+            clock.time("one", lambda: busy(0.01))
+            busy(0.04)
+    v = clock.verdict("one", judge_spread=False)
+    assert v["others_cpu_share"] < stats.NOISY_OTHERS_CPU and not v["noisy"], v
+
+
 def test_the_private_servers_work_is_the_benchmarks_not_others(conn):
     """A query's CPU in the PostgreSQL backend counts as the benchmark's when the Clock is given the
     private cluster's postmaster (as `cnnsql bench` does), and as other processes' when it is not."""

@@ -364,8 +364,8 @@ def test_whole_reads_go_by_binary_copy_and_a_stopped_copy_leaves_the_connection_
     conn = db.connect(target)
     conn.autocommit = True
     # 50,000 images (150 MB): the COPY is still running when the caller stops after the first chunk.
-    query = psql.SQL("SELECT id, img FROM cnnsql_bytes.cifar_train_bytes")
-    rows = copy_rows(conn, query, [], ["int4", "bytea"], iter([10] * 10_000))
+    query = psql.SQL("SELECT id, img FROM {}").format(psql.Identifier("cnnsql_bytes", "cifar_train_bytes"))
+    rows = copy_rows(conn, query.as_string(conn), ["int4", "bytea"], iter([10] * 10_000))
     assert len(next(rows)) == 10
     rows.close()  # the caller stops: the COPY is cancelled on the server
     assert not conn.closed

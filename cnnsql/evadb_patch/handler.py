@@ -113,7 +113,7 @@ class StreamingPostgresHandler(STOCK_HANDLER):
         STATS["queries"] = (STATS["queries"] + [("COPY " if types else "") + text])[-20:]
         if types is not None:
             STATS["copies"] += 1
-            for rows in copy_rows(conn, query, list(params), types, _chunk_sizes()):
+            for rows in copy_rows(conn, text, types, _chunk_sizes()):
                 yield _frame(rows, columns)
             return
         with conn.cursor() as cursor:

@@ -14,14 +14,14 @@ from typing import Callable, Iterator
 import psycopg2
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
-_INT16, _INT32 = struct.Struct(">h"), struct.Struct(">i")
+_INT16, _INT32, _INT64, _FLOAT64 = (struct.Struct(f) for f in (">h", ">i", ">q", ">d"))
 # Types whose binary form converts to exactly the Python value psycopg2 gives from text. float4 is
 # not here: psycopg2 reads its shortest decimal text ("0.1"), binary gives the float32 (0.10000000149).
 DECODERS: dict[str, Callable[[memoryview], object]] = {
     "int2": lambda b: _INT16.unpack(b)[0],
     "int4": lambda b: _INT32.unpack(b)[0],
-    "int8": lambda b: struct.unpack(">q", b)[0],
-    "float8": lambda b: struct.unpack(">d", b)[0],
+    "int8": lambda b: _INT64.unpack(b)[0],
+    "float8": lambda b: _FLOAT64.unpack(b)[0],
     "bool": lambda b: b[0] != 0,
     "bytea": bytes,
     "text": lambda b: str(b, "utf-8"),
@@ -152,16 +152,13 @@ class BinaryCopyParser:
         return tuple(values), at
 
 
-def copy_rows(conn, query, params: list, types: list[str], sizes: Iterator[int]) -> Iterator[list[tuple]]:
-    """Lists of rows of `query` read by `COPY (query) TO STDOUT (FORMAT binary)` in a thread, the
-    k-th list holding next(sizes) rows (the last may be shorter). The connection must be in
-    autocommit mode (COPY then is its own statement). A caller that stops early cancels the COPY on
-    the server (psycopg2's `cancel()`, safe from any thread) and leaves the connection usable."""
-    from psycopg2 import sql as psql
-
-    statement = psql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)
-    with conn.cursor() as cursor:
-        text = cursor.mogrify(statement, params).decode()
+def copy_rows(conn, select: str, types: list[str], sizes: Iterator[int]) -> Iterator[list[tuple]]:
+    """Lists of rows of `select` (a complete SELECT: psycopg2's mogrify output, identifiers and values
+    already quoted) read by `COPY (select) TO STDOUT (FORMAT binary)` in a thread, the k-th list
+    holding next(sizes) rows (the last may be shorter). The connection must be in autocommit mode
+    (COPY then is its own statement). A caller that stops early cancels the COPY on the server
+    (psycopg2's `cancel()`, safe from any thread) and leaves the connection usable."""
+    text = f"COPY ({select}) TO STDOUT (FORMAT binary)"
 
     def produce(put) -> None:
         parser, rows, state = BinaryCopyParser(types), [], {"size": next(sizes), "stopped": False}
