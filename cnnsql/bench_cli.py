@@ -74,7 +74,7 @@ def register_bench(sub) -> None:
                    help="weights file (default: $CNNSQL_WEIGHTS or .cnnsql/weights/default.npz, trained if missing)")
     b.add_argument("--repetitions", type=_count(1), default=d.repetitions,
                    help="timed rounds per phase, interleaved across what a phase compares (default 3, or the "
-                        "engine's bench_repetitions: Velox 2)")
+                        "engine's bench_repetitions and bench_indb_repetitions: Velox 2, and 1 in PostgreSQL)")
     b.add_argument("--warmup", type=_count(0), default=d.warmup,
                    help=f"untimed warm-up calls per phase (default {d.warmup})")
     b.add_argument("--threads", type=_count(1), default=d.threads,

@@ -11,6 +11,7 @@ LOG_INTERVAL_S = 30.0
 
 def progress_bar(**kwargs) -> tqdm:
     """A tqdm bar on stderr with the given arguments (total, unit, desc, disable, ...)."""
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty():  # tqdm's monitor thread also redraws a bar silent for maxinterval
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        kwargs.setdefault("maxinterval", LOG_INTERVAL_S)
     return tqdm(**kwargs)

@@ -187,7 +187,8 @@ def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, 
                 return list(pool.map_unordered(lambda a, s: a.run_shard.remote(run.id, table, s[0], s[1], batch),
                                                shards))
 
-            with ResourceMonitor() as mon, stats.Clock() as clock:  # the driver's tree holds local Ray's workers
+            server = db.private_server_pid(conn) if where[0].private else None  # its backends serve the actors
+            with ResourceMonitor() as mon, stats.Clock((server,)) as clock:  # local Ray's workers: the driver's tree
                 for _ in range(cfg.reps()):
                     done = clock.time("ray", one_pass)
             check_complete(conn, table, run.id, n)

@@ -112,8 +112,9 @@ def cpu_by_pid(procs: list[psutil.Process], own_first: bool) -> dict[int, float]
 
 
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds between two cpu_by_pid readings (a process new in `after` counts from zero)."""
-    return max(0.0, sum(c - before.get(pid, 0.0) for pid, c in after.items()))
+    """CPU seconds between two cpu_by_pid readings, over the processes read both times (one whose
+    reading failed once is left out rather than charged its whole lifetime)."""
+    return max(0.0, sum(c - before[pid] for pid, c in after.items() if pid in before))
 
 
 def machine_busy_s() -> float:
@@ -129,7 +130,8 @@ class Clock:
     `roots`: pids whose process trees also count as the benchmark's (the private PostgreSQL cluster's
     postmaster; a backend for the in-database placement); this process and its children always do.
     The trees are read when the timed window opens, after the warm-up calls have opened the
-    connections (reading them costs ~4 ms, too much per call). Their CPU over the whole window is
+    connections (reading them costs ~4 ms, too much per call): a process started later (a PostgreSQL
+    parallel worker, a new connection's backend) counts as other. Their CPU over the whole window is
     ours, the harness's work between calls included (a progress sampler, these readings): summing
     only the calls left 5 ms of it per one-image call to "other processes" and flagged idle
     single-stream phases noisy (others 18-48%)."""

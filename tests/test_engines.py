@@ -163,3 +163,7 @@ def test_the_base_class_validates_once_and_forward_sees_chunks(engines, weights,
     np.testing.assert_allclose(p, reference_forward(weights, x), atol=1e-4)
     with pytest.raises(CnnsqlError, match="uint8"):
         engine.predict_proba(x.astype(np.float32))
+    empty = engine.predict_proba(x[:0])
+    assert empty.shape == (0, 10) and empty.dtype == np.float32
+    with pytest.raises(CnnsqlError, match="batch size must be at least 1"):
+        engine.predict(x, batch_size=-4)

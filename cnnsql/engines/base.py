@@ -103,7 +103,9 @@ class Engine(ABC):
         """Images per `forward` call for a `predict(..., batch_size)`: the smaller of the batch and the
         engine's `chunk` (torch, TensorFlow). Logged with every benchmark run, so a batch sweep says
         what the framework ran."""
-        bs = max(1, batch_size or self.default_batch_size)
+        bs = batch_size or self.default_batch_size
+        if bs < 1:
+            raise CnnsqlError(f"batch size must be at least 1, got {bs}")
         return min(bs, self.chunk) if self.chunk else bs
 
     def describe(self) -> dict:

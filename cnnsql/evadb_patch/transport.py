@@ -152,13 +152,13 @@ class BinaryCopyParser:
         return tuple(values), at
 
 
-def copy_rows(conn, select: str, types: list[str], sizes: Iterator[int]) -> Iterator[list[tuple]]:
-    """Lists of rows of `select` (a complete SELECT: psycopg2's mogrify output, identifiers and values
-    already quoted) read by `COPY (select) TO STDOUT (FORMAT binary)` in a thread, the k-th list
+def copy_rows(conn, trusted_select: str, types: list[str], sizes: Iterator[int]) -> Iterator[list[tuple]]:
+    """Lists of rows of `trusted_select` (a complete SELECT that the caller built with psycopg2.sql and
+    mogrified: identifiers and values already quoted; never text from a user) read by `COPY (select) TO STDOUT (FORMAT binary)` in a thread, the k-th list
     holding next(sizes) rows (the last may be shorter). The connection must be in autocommit mode
     (COPY then is its own statement). A caller that stops early cancels the COPY on the server
     (psycopg2's `cancel()`, safe from any thread) and leaves the connection usable."""
-    text = f"COPY ({select}) TO STDOUT (FORMAT binary)"
+    text = f"COPY ({trusted_select}) TO STDOUT (FORMAT binary)"
 
     def produce(put) -> None:
         parser, rows, state = BinaryCopyParser(types), [], {"size": next(sizes), "stopped": False}
