@@ -419,10 +419,11 @@ def answer(runs: pd.DataFrame) -> list[str]:
 
 
 def history(conn) -> list[dict]:
-    """Every benchmark session in the database, newest first: where, when, and its SQL/raw ratios."""
+    """Every benchmark session in the database, newest first: where, when, for how long (first run's
+    start to last run's end: the benchmark itself, without data loading or training), SQL/raw."""
     with conn.cursor() as cur:
         cur.execute("""
-            SELECT r.session_id, min(r.started_at), max(r.host), max(r.git_commit),
+            SELECT r.session_id, min(r.started_at), max(r.finished_at), max(r.host), max(r.git_commit),
                    string_agg(DISTINCT r.engine, ', ') FILTER (WHERE r.engine <> 'none'),
                    bool_or(r.noisy), count(*)
             FROM bench_run r WHERE r.status = 'complete' AND r.kind IN ('sql', 'raw', 'indb')
@@ -434,11 +435,13 @@ def history(conn) -> list[dict]:
         for sid, eng, n, ratio in cur.fetchall():
             ratios.setdefault(sid, {}).setdefault(eng, (n, ratio))
     conn.rollback()
-    return [{"session": sid, "started (UTC)": f"{start:%Y-%m-%d %H:%M}", "machine": host, "git": git or "-",
+    return [{"session": sid, "started (UTC)": f"{start:%Y-%m-%d %H:%M}",
+             "measured for": f"{(end - start).total_seconds() / 60:.1f} min" if end else "-",
+             "machine": host, "git": git or "-",
              "engines": engines or "-", "SQL/raw (largest sample)": ", ".join(
                  f"{e} {r:.3f}" for e, (n, r) in sorted(ratios.get(sid, {}).items())) or "-",
              "noisy": "not measured" if noisy is None else _fmt(noisy), "runs": str(count)}
-            for sid, start, host, git, engines, noisy, count in sessions]
+            for sid, start, end, host, git, engines, noisy, count in sessions]
 
 
 CAPTIONS = {
@@ -521,8 +524,10 @@ def write_report(out: Path, session: str | None = None) -> Path:
     page += ["<h2>Queries</h2><ul>" + "".join(f"<li><code>{html.escape(q)}</code></li>" for q in queries) + "</ul>",
              "<h2>Machine and versions</h2>", html_table(machine, ["item", "value"], "What this session ran on."),
              "<h2>Sessions</h2>",
-             html_table(past, ["session", "started (UTC)", "machine", "git", "engines", "SQL/raw (largest sample)",
-                               "noisy", "runs"], "Every benchmark session in this database, newest first."),
+             html_table(past, ["session", "started (UTC)", "measured for", "machine", "git", "engines",
+                               "SQL/raw (largest sample)", "noisy", "runs"],
+                        "Every benchmark session in this database, newest first; 'measured for': its first run's "
+                        "start to its last run's end (without data loading or training)."),
              "</body></html>"]
     index = out / "index.html"
     index.write_text("\n".join(page))

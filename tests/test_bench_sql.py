@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 from conftest import ENGINES, run_cli
@@ -103,6 +104,7 @@ def test_report_writes_plots_and_html(bench_session, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "The answer" in page and "Fastest through SQL" in page and "<figcaption>" in page
     assert "Sessions" in page and "version: evadb" in page
+    assert re.search(r"<td>\d+\.\d min</td>", page)  # how long the session measured
 
 
 def test_report_in_a_headless_browser(bench_session, tmp_path):
