@@ -78,13 +78,14 @@ def test_clock_counts_its_own_cpu_and_flags_a_competing_process():
 
 def test_the_harness_work_between_calls_is_ours():
     """Work of this process between the timed calls (a sampler, the readings) is the benchmark's,
-    not "other processes'": 30 one-image-sized calls with 4x their time of harness work between them."""
+    not "other processes'": 30 one-image-sized calls with 4x their time of harness work between them.
+    Asserted on what the Clock attributes to us (the machine may have background load)."""
     with stats.Clock() as clock:
         for _ in range(30):
             clock.time("one", lambda: busy(0.01))
             busy(0.04)
-    v = clock.verdict("one", judge_spread=False)
-    assert v["others_cpu_share"] < stats.NOISY_OTHERS_CPU and not v["noisy"], v
+    assert 0.25 <= sum(clock.cpus["one"]) <= 0.6  # the calls alone: 30 x 10 ms
+    assert clock._ours >= 0.9 * 1.5, clock._ours  # the window: calls and harness work, 30 x 50 ms
 
 
 def test_the_private_servers_work_is_the_benchmarks_not_others(conn):
@@ -119,9 +120,11 @@ def test_the_private_servers_work_is_the_benchmarks_not_others(conn):
     one_core = 1 / (psutil.cpu_count() or 1)
     ours, cpus, walls = verdicts[(server,)]
     assert all(c > 0.7 * w for c, w in zip(cpus, walls)), (cpus, walls)  # the backend's CPU is ours
-    assert ours["others_cpu_share"] < 0.3 * one_core and "noise_not_judged" not in ours, ours
+    assert "noise_not_judged" not in ours, ours
     theirs, cpus, _ = verdicts[()]
-    assert max(cpus) < 0.2 and theirs["others_cpu_share"] > 0.7 * one_core, theirs
+    assert max(cpus) < 0.2, cpus
+    # the backend's core moves from ours to others (whatever background load the machine has besides)
+    assert theirs["others_cpu_share"] - ours["others_cpu_share"] > 0.5 * one_core, (ours, theirs)
     assert theirs["noisy"] == (theirs["others_cpu_share"] > stats.NOISY_OTHERS_CPU)
 
 
