@@ -14,8 +14,10 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench-sql db-start db-stop shell report clean plpython
-setup: $(STAMP)
+.PHONY: setup test test-fast bench-sql db-start db-stop shell report clean plpython chromium
+# setup: the venv, and PL/Python for the in-PostgreSQL placement (installed as root with apt-get;
+# otherwise one line names the package to install). test also wants chromium for the report test.
+setup: $(STAMP) plpython
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,13 +35,20 @@ ifeq ($(GPU),1)
 endif
 	@touch $(STAMP)
 
-# PL/Python 3 for PostgreSQL 15 (Debian), used by `cnnsql db functions install`. Needs root.
+# Debian packages beyond the venv: PL/Python 3 for PostgreSQL 15 (`cnnsql db functions`), chromium.
 plpython:
-	@test -f /usr/share/postgresql/15/extension/plpython3u.control || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-plpython3-15; }
+	@bash scripts/system-deps.sh plpython
 
-test: setup
+chromium:
+	@bash scripts/system-deps.sh chromium
+
+# The whole suite (unit and integration, real PostgreSQL, EvaDB, Velox, Ray).
+test: setup chromium
 	$(BIN)/python -m pytest -q tests
+
+# The inner loop: unit tests only (no database, no servers), under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration" tests
 
 bench-sql: setup
 	$(BIN)/cnnsql bench $(BENCH_ARGS)

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import config, datasets, db, evadb_function, evadb_session, loader, model_spec, pgfunctions, results, stats
+from . import config, datasets, db, evadb_function, evadb_session, loader, model_spec, pgfunctions, results, results_doc, stats
 from .engines import ENGINES, engine_class
 from .errors import CnnsqlError
 from .bench_config import BenchConfig  # noqa: F401  (the defaults live there)
@@ -463,6 +463,11 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     print(f"noisy = other processes used more than {100 * stats.NOISY_OTHERS_CPU:.0f}% of the machine's CPU "
           f"during a run's timed rounds, or its rounds spread more than {100 * stats.NOISY_SPREAD:.0f}% "
           f"(max-min over median): {noise_summary(bench.noise)}")
+    indb = getattr(bench, "indb", None)
+    if indb is not None and indb.skipped:
+        print(f"PG columns empty: the in-PostgreSQL placement was skipped: {indb.skipped}")
     if exported:
-        print(f"results: {exported}")
+        local = Path(exported).resolve() in {p.resolve() for p in results_doc.session_files(Path(exported).parent)[1]}
+        print(f"results: {exported}" + (" (not committed: README tables come from committed files only; "
+                                        "git add it to make it part of the record)" if local else ""))
     return rows

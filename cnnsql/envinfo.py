@@ -35,7 +35,22 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform.processor()): figures compare only on one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def host() -> str:
     import os
 
-    return f"{socket.gethostname()} ({platform.machine()}, {os.cpu_count()} cpus, {platform.system()})"
+    model = cpu_model()
+    return (f"{socket.gethostname()} ({platform.machine()}{', ' + model if model else ''}, {os.cpu_count()} cpus, "
+            f"{platform.system()})")

@@ -8,6 +8,7 @@ The block sits between RESULTS_BEGIN and RESULTS_END in README.md; nothing else 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from .errors import CnnsqlError
@@ -20,10 +21,27 @@ RESULTS_END = "<!-- results:end -->"
 MAX_SESSIONS = 6
 
 
+def session_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(committed, local) session files. In a git work tree only the files git tracks are the record:
+    a benchmark the user ran here writes its file beside them, and it joins the README only once
+    committed on purpose. Outside git (an unpacked release) every file counts."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.json"))
+    try:
+        proc = subprocess.run(["git", "-C", str(folder), "ls-files", "-z", "--", "."], capture_output=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return files, []
+    if proc.returncode != 0:  # not a git work tree
+        return files, []
+    tracked = {(folder / name).resolve() for name in proc.stdout.decode().split("\0") if name}
+    return [f for f in files if f.resolve() in tracked], [f for f in files if f.resolve() not in tracked]
+
+
 def load_sessions(folder: Path) -> list[tuple[str, dict]]:
-    """(file name, document) of every session file, newest first."""
+    """(file name, document) of every committed session file, newest first."""
     docs = []
-    for path in sorted(Path(folder).glob("*.json")):
+    for path in session_files(folder)[0]:
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -127,7 +145,11 @@ def readme(folder: Path = REPO / "results" / "sessions", readme_path: Path = REP
 
 def cmd_results(args) -> int:
     current = readme(args.folder, args.readme, check=args.check)
-    print("README.md matches the results files" if current else f"README.md rewritten from {args.folder}")
+    print("README.md matches the committed results files" if current else f"README.md rewritten from {args.folder}")
+    local = session_files(args.folder)[1]
+    if local:
+        print(f"{len(local)} session file(s) not committed, left out: {', '.join(p.name for p in local)} "
+              f"(git add them to include them)")
     return 0
 
 

@@ -15,10 +15,31 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_ARCHIVE = Path(os.environ.get("CNNSQL_TEST_CIFAR", REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"))
+SYNTHETIC_IMAGES = 20000  # the `loaded` fixture's synthetic dataset when no real archive is found (4,000 test)
 
+
+def _find_real_archive() -> Path | None:
+    """The real CIFAR-10 archive, found where the README says a user keeps it: $CNNSQL_TEST_CIFAR (set
+    to an empty string to force the synthetic path), ../shared/data, then the product's own search
+    ($CIFAR10_PATH, the Keras and torchvision caches, an earlier download). Only a regular file counts:
+    the tests cut and copy its bytes. The suite passes on either path; `.ci/run` tests both."""
+    if "CNNSQL_TEST_CIFAR" in os.environ:
+        given = os.environ["CNNSQL_TEST_CIFAR"]
+        return Path(given) if given and Path(given).is_file() else None
+    shared = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
+    if shared.is_file():
+        return shared
+    from cnnsql import cifar
+
+    return next((p.absolute() for _, p in cifar.candidate_sources() if p.is_file()), None)
+
+
+SHARED_ARCHIVE = _find_real_archive()
+
+# Hermetic: nothing of the user's environment reaches a test (their server, their data, their state folder)
 for var in ("CNNSQL_DSN", "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGPASSWORD",
-            "CIFAR10_PATH", "CNNSQL_DB"):
+            "PGPASSFILE", "PGSERVICEFILE", "PGSSLMODE", "CIFAR10_PATH", "KERAS_HOME", "TORCH_HOME", "CNNSQL_DB",
+            "CNNSQL_HOME", "CNNSQL_RESULTS_DIR", "CNNSQL_PG_PORT", "CNNSQL_WEIGHTS", "CNNSQL_ENGINE", "CNNSQL_TEST_CIFAR"):
     os.environ.pop(var, None)
 
 
@@ -40,16 +61,41 @@ def traversable_tmpdir(prefix: str) -> Path:
     return path
 
 
+# Every test, with or without the fixture below, gets a state folder and a results folder of its own
+# session: never the checkout's .cnnsql (the user's cluster, weights, downloads) or results/sessions.
+SESSION_BASE = traversable_tmpdir("cnnsql-test-")
+os.environ["CNNSQL_HOME"] = str(SESSION_BASE / "state")
+os.environ["CNNSQL_RESULTS_DIR"] = str(SESSION_BASE / "results")
+
+
+# Two kinds of tests: unit tests (no database, no server, no subprocess of the CLI) and integration tests
+# against the real PostgreSQL, EvaDB, Velox and Ray. Any test that uses the private cluster (every
+# database fixture depends on `cnnsql_home`) is integration; a module that starts servers or the CLI
+# by itself says so with `pytestmark = pytest.mark.integration`. `make test-fast` runs the others.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: needs the real PostgreSQL, EvaDB, Velox or Ray (make test)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "cnnsql_home" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if (SESSION_BASE / "state" / "pg").exists():  # a cluster a test started without the fixture
+        from cnnsql import db
+
+        db.private_cluster().stop()
+    shutil.rmtree(SESSION_BASE, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def cnnsql_home():
-    base = traversable_tmpdir("cnnsql-test-")
-    os.environ["CNNSQL_HOME"] = str(base / "state")
-    os.environ["CNNSQL_RESULTS_DIR"] = str(base / "results")  # `cnnsql bench` JSON files, not in the repo
-    yield Path(os.environ["CNNSQL_HOME"])
+    yield SESSION_BASE / "state"
     from cnnsql import db
 
     db.private_cluster().stop()
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +107,7 @@ def target(cnnsql_home):
 
 @pytest.fixture(scope="session")
 def real_cifar() -> Path | None:
-    return SHARED_ARCHIVE if SHARED_ARCHIVE.is_file() else None
+    return SHARED_ARCHIVE
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +116,7 @@ def loaded(target, real_cifar):
     if real_cifar:
         run_cli("load", "--quiet", "--source", str(real_cifar))
         return "cifar-10"
-    run_cli("load", "--quiet", "--synthetic", "20000")
+    run_cli("load", "--quiet", "--synthetic", str(SYNTHETIC_IMAGES))
     return "synthetic"
 
 

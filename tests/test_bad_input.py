@@ -73,10 +73,15 @@ def synthetic_dir(tmp_path):
     return tmp_path, md5
 
 
-def test_truncated_archive(loaded, conn, real_cifar, synthetic_dir, tmp_path):
+def test_truncated_archive(loaded, conn, real_cifar, tmp_path):
     before = snapshot(conn)
+    # without the real archive: members of the official sizes (random bytes, so gzip cannot shrink them),
+    # which pass the size check and are cut inside a member's data, as a broken download is
+    rng = np.random.default_rng(0)
     src = real_cifar.read_bytes() if real_cifar else make_tar(
-        tmp_path / "s.tar.gz", {f"{cifar.TOP}/{p.name}": p.read_bytes() for p in (synthetic_dir[0] / cifar.TOP).iterdir()}
+        tmp_path / "s.tar.gz", {f"{cifar.TOP}/{name}": rng.bytes(size) for name, size in
+                                (("batches.meta", cifar.MEMBER_SIZE["batches.meta"]),
+                                 ("data_batch_1", cifar.MEMBER_SIZE["data_batch_1"]))}
     ).read_bytes()
     bad = tmp_path / "truncated.tar.gz"
     bad.write_bytes(src[: len(src) // 3])

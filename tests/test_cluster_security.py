@@ -14,6 +14,8 @@ import pytest
 from cnnsql.pgcluster import PrivateCluster, pg_bin
 from conftest import run_cli, traversable_tmpdir
 
+pytestmark = pytest.mark.integration  # private PostgreSQL clusters started and probed
+
 
 @pytest.fixture(scope="module")
 def home():
@@ -73,9 +75,12 @@ def test_a_half_made_cluster_is_repaired_never_served_with_trust(home):
 
 
 def test_port_taken_by_another_program_names_the_cause(home):
+    assert cli(home, "db", "start").returncode == 0  # the cluster exists and has its port, whatever ran before
     cluster = PrivateCluster(home)
     cluster.stop()
     with socket.socket() as squatter:
+        # the server just released the port: its connections' TIME_WAIT entries would refuse a plain bind
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", cluster.port))
         squatter.listen()
         line = one_line_error(cli(home, "db", "start"), "could not bind", "taken by another program",

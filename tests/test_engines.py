@@ -11,6 +11,8 @@ from cnnsql.engines import engine_class, get_engine
 from cnnsql.errors import CnnsqlError
 from cnnsql.weights import Weights, load_weights, random_weights, reference_forward, save_weights
 
+pytestmark = pytest.mark.integration  # the three frameworks, trained and run
+
 ENGINES = ("torch", "tensorflow")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnsql import cifar, config, db
-from conftest import REPO, run_cli
+from conftest import REPO, SYNTHETIC_IMAGES, run_cli
 
 
 def test_cluster_start_twice_status_and_url(target):
@@ -74,7 +74,7 @@ def test_stored_bytes_match_archive(loaded, conn, real_cifar):
 
 
 def test_reload_is_idempotent(loaded, conn, real_cifar):
-    source = ["--source", str(real_cifar)] if loaded == "cifar-10" else ["--synthetic", "2000"]
+    source = ["--source", str(real_cifar)] if loaded == "cifar-10" else ["--synthetic", str(SYNTHETIC_IMAGES)]
     before = _counts(conn)
     out = run_cli("load", "--quiet", *source)
     assert "loaded" in out.stdout

@@ -23,6 +23,8 @@ from cnnsql import weights as W
 from cnnsql.errors import CnnsqlError
 from conftest import REPO
 
+pytestmark = pytest.mark.integration  # the CLI in subprocesses against hostile archives and weights
+
 GIB = 1 << 30
 RSS_LIMIT_MB = 400  # the CLI alone (numpy, psycopg2, tqdm imported) peaks at about 43 MB
 

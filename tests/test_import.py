@@ -11,6 +11,8 @@ from cnnsql.errors import CnnsqlError
 from cnnsql.weights import load_weights
 from conftest import run_cli
 
+pytestmark = pytest.mark.integration  # PyTorch and Keras models converted
+
 
 def images(n, shape, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)

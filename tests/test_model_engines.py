@@ -12,6 +12,8 @@ from cnnsql.errors import CnnsqlError
 
 from test_model_spec import ODD
 
+pytestmark = pytest.mark.integration  # the frameworks build every model
+
 SPECS = [M.builtin(n) for n in sorted(M.BUILTINS)] + [M.builtin("vgg", (1, 8, 8), 10), M.builtin("lenet5", (1, 28, 28), 4), ODD]
 IDS = [f"{s.name}-{'x'.join(map(str, s.input_shape))}-{s.num_classes}" for s in SPECS]
 

@@ -179,7 +179,7 @@ def test_readme_tables_match_the_committed_results_files():
 
 
 def test_readme_check_fails_when_they_disagree(tmp_path):
-    files = sorted((REPO / "results" / "sessions").glob("*.json"))
+    files = results_doc.session_files(REPO / "results" / "sessions")[0]
     assert files, "no committed results file"
     folder = tmp_path / "sessions"
     folder.mkdir()
@@ -198,7 +198,7 @@ def test_readme_check_fails_when_they_disagree(tmp_path):
 
 
 def test_results_files_hold_every_repetition():
-    for path in (REPO / "results" / "sessions").glob("*.json"):
+    for path in results_doc.session_files(REPO / "results" / "sessions")[0]:
         doc = json.loads(path.read_text())
         assert {"machine", "versions", "git_commit", "settings", "runs"} <= set(doc)
         for r in doc["runs"]:
@@ -265,3 +265,31 @@ def test_report_on_a_session_without_an_sql_offline_run_is_one_clear_line(conn, 
     proc = run_cli("report", "--out", str(tmp_path / "r"), "--session", session, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("cnnsql: error:") and "no complete SQL offline run" in proc.stderr
+
+
+def test_a_local_run_stays_out_of_the_record_until_committed(tmp_path):
+    """A benchmark run in a checkout writes its session file beside the committed ones; the README's
+    tables (and their check) read only the files git tracks, so running the main job never breaks
+    `make test`, and a result joins the record only when committed on purpose."""
+    env = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_SYSTEM": "/dev/null", "HOME": str(tmp_path)}
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True, env=env)
+    git("init", "-q")
+    folder = tmp_path / "results" / "sessions"
+    folder.mkdir(parents=True)
+    committed = results_doc.session_files(REPO / "results" / "sessions")[0]
+    for f in committed:
+        (folder / f.name).write_text(f.read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "record")
+    doc = json.loads(committed[-1].read_text())
+    doc["started_at"] = "2999-01-01T00:00:00+00:00"  # the newest session: it would lead the tables
+    for run in doc["runs"]:
+        run["images_per_s"] = run["images_per_s"] * 3
+    (folder / "zz-local-run.json").write_text(json.dumps(doc))
+    assert results_doc.session_files(folder) == (sorted(folder.glob("*.json"))[:-1], [folder / "zz-local-run.json"])
+    assert results_doc.readme(folder, readme, check=True)  # the local run is not part of the record
+    git("add", "results/sessions/zz-local-run.json")
+    with pytest.raises(CnnsqlError, match="disagree"):  # committed: now it is, and the README must follow
+        results_doc.readme(folder, readme, check=True)

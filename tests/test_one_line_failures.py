@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.integration  # the CLI in subprocesses, Ray
+
 
 def cli(*args: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnnsql", *args], cwd=REPO, capture_output=True, text=True,

@@ -15,6 +15,8 @@ from cnnsql.engines import velox_runtime
 from cnnsql.errors import CnnsqlError
 from cnnsql.weights import random_weights, reference_forward
 
+pytestmark = pytest.mark.integration  # Velox plans and the frameworks in subprocesses
+
 
 def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)

@@ -17,6 +17,8 @@ from cnnsql.errors import CnnsqlError
 
 from test_model_spec import ODD
 
+pytestmark = pytest.mark.integration  # generated Velox plans
+
 # (spec, images per check): the 3x32x32 VGG costs ~25 M multiply-adds per image in the direct form
 CASES = [(M.builtin("lenet5"), 33), (M.builtin("vgg"), 7), (M.builtin("vgg", (1, 8, 8), 10), 33),
          (M.builtin("lenet5", (1, 28, 28), 4), 7), (ODD, 33)]
