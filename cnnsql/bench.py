@@ -121,17 +121,7 @@ class Bench:
         self.cursor = evadb_session.connect(self.target, weights=self.weights, threads=self.cfg.threads)
 
     def _weights_path(self) -> Path:
-        """--weights; else a weights .npz given as --model; else default.npz for the study CNN on CIFAR-10;
-        else <weights dir>/<dataset>-<model>.npz."""
-        cfg = self.cfg
-        if cfg.weights:
-            return Path(cfg.weights).absolute()
-        if cfg.model and cfg.model.endswith(".npz"):
-            return Path(cfg.model).absolute()
-        if cfg.model in (None, model_spec.DEFAULT_MODEL) and self.ds.name == datasets.DEFAULT:
-            return Path(evadb_function.default_weights()).absolute()
-        stem = cfg.model if cfg.model in model_spec.BUILTINS else Path(cfg.model or model_spec.DEFAULT_MODEL).stem
-        return (config.default_weights_dir() / f"{self.ds.name}-{stem}.npz").absolute()
+        return self.cfg.weights_path(self.ds.name)
 
     def _select_engines(self) -> None:
         for name in list(self.cfg.engines):

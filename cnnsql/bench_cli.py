@@ -38,10 +38,6 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
     from .bench_config import BenchConfig
 
-    if args.cluster == "ray" and (args.dataset or args.model):
-        from .errors import CnnsqlError
-
-        raise CnnsqlError("the Ray runner runs the study CNN on CIFAR-10 only", "use --cluster local with --dataset/--model")
     chosen = {f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)}
     cfg = BenchConfig(**{**chosen, "engines": args.engines or BenchConfig().engines},
                       progress=not args.quiet, skip_unable=args.engines is None)

@@ -33,6 +33,20 @@ class BenchConfig:
     model: str | None = None            # built-in name, description .json or weights .npz (default: study)
     skip_unable: bool = False           # drop engines that cannot run the model (else: refuse)
 
+    def weights_path(self, dataset: str) -> Path:
+        """--weights; else a weights .npz given as --model; else default.npz for the study CNN on CIFAR-10;
+        else <weights dir>/<dataset>-<model>.npz (what `cnnsql bench --dataset/--model` trains there)."""
+        from . import config, model_spec
+
+        if self.weights:
+            return Path(self.weights).absolute()
+        if self.model and self.model.endswith(".npz"):
+            return Path(self.model).absolute()
+        if self.model in (None, model_spec.DEFAULT_MODEL) and dataset in (None, "cifar10"):
+            return Path(os.environ.get("CNNSQL_WEIGHTS") or config.default_weights_dir() / "default.npz").absolute()
+        stem = self.model if self.model in model_spec.BUILTINS else Path(self.model or model_spec.DEFAULT_MODEL).stem
+        return (config.default_weights_dir() / f"{dataset}-{stem}.npz").absolute()
+
     def n_images(self, engine: str, available: int) -> int:
         """The first N test images: the engine's declared sample (a prefix, so shared by every engine)."""
         default = engine_class(engine).bench_sample

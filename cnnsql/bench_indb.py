@@ -23,15 +23,18 @@ from .errors import CnnsqlError
 
 OFFLINE = """SELECT p.id, p.label, p.probs FROM (
     SELECT id / {batch} AS batch, array_agg(id ORDER BY id) AS ids, array_agg(img ORDER BY id) AS imgs
-    FROM cifar_image_test WHERE id < {n} GROUP BY 1) b,
+    FROM {relation} WHERE id < {n} GROUP BY 1) b,
   {function}(b.ids, b.imgs) p"""
-SINGLE = "SELECT id, p.* FROM cifar_image_test, {function}(img) p WHERE id = %s"
+SINGLE = "SELECT id, p.* FROM {relation}, {function}(img) p WHERE id = %s"
 PROB_TOLERANCE = 1e-5
 
 
-def query(template: str, conn, function: str, **ints: int) -> str:
+def query(template: str, conn, function: str, relation: tuple[str, str] = ("cnnsql_bytes", "cifar_test_bytes"),
+          **ints: int) -> str:
+    """A template on a dataset's stored test images (`relation`: DatasetInfo.bytes_relation)."""
     fn = sql.Identifier(pgfunctions.SCHEMA, function.lower())
-    return sql.SQL(template).format(function=fn, **{k: sql.Literal(int(v)) for k, v in ints.items()}).as_string(conn)
+    return sql.SQL(template).format(function=fn, relation=sql.Identifier(*relation),
+                                    **{k: sql.Literal(int(v)) for k, v in ints.items()}).as_string(conn)
 
 
 class InDatabase:
@@ -40,10 +43,6 @@ class InDatabase:
     def __init__(self, bench):
         self.bench = bench
         self.skipped: str | None = None
-        if bench.ds.shape != (3, 32, 32) or bench.ds.num_classes != 10:   # pgruntime reads 3,072-byte images
-            self.skipped = f"the PL/Python functions take CIFAR-10's 3x32x32 images, not dataset {bench.ds.name!r}"
-            print(f"cnnsql bench: in-PostgreSQL placement skipped: {self.skipped}", file=sys.stderr, flush=True)
-            return
         try:
             pgfunctions.install(bench.target, bench.cfg.engines, bench.weights, bench.cfg.threads)
             bench.say(f"[in PostgreSQL] functions cnnsql.<Engine>CNN installed with weights {bench.weights}, "
@@ -66,7 +65,8 @@ class InDatabase:
         warm_n = min(n, engine_class(name).bench_warmup_images or n)  # a slow engine warms up on fewer images
         common = {"engine": name, "device": "cpu", "batch_size": batch}
         pid = conn.get_backend_pid() if self.bench.target.private else None
-        q = query(OFFLINE, conn, function + "_batch", batch=batch, n=n)
+        rel = bench.ds.bytes_relation("test")
+        q = query(OFFLINE, conn, function + "_batch", rel, batch=batch, n=n)
         bench.say(f"[{name}] in PostgreSQL offline: {n} images through cnnsql.{function}_batch, batch {batch}")
 
         def fetch(text, *params):
@@ -93,11 +93,11 @@ class InDatabase:
                                "max_prob_diff_vs_raw": diff, "prob_tolerance": PROB_TOLERANCE,
                                **self._backend(conn)}}
 
-        warm = query(OFFLINE, conn, function + "_batch", batch=batch, n=warm_n)
+        warm = query(OFFLINE, conn, function + "_batch", rel, batch=batch, n=warm_n)
         off = bench.phase({**common, "kind": "indb", "scenario": "offline", "query": q}, lambda: fetch(q),
                           cfg.reps(name, indb=True), cfg.warmup, n, evaluate, warm=lambda: fetch(warm),
                           monitor_pid=pid)
-        q1 = query(SINGLE, conn, function)
+        q1 = query(SINGLE, conn, function, rel)
         ids = itertools.cycle(range(n))
         bench.say(f"[{name}] in PostgreSQL single-stream: {single_calls} x {q1}")
         one = bench.phase({**common, "batch_size": 1, "kind": "indb", "scenario": "single-stream", "query": q1},

@@ -47,6 +47,11 @@ class DatasetInfo:
         """The EvaDB-visible view of a split (pg.<view>)."""
         return f"cifar_{split}" if self.name == DEFAULT else f"{self.name}_{split}"
 
+    def bytes_relation(self, split: str) -> tuple[str, str]:
+        """(schema, view) of a split's stored images as (id, label, img bytea), the same for every dataset:
+        the binary twin of its view (for CIFAR-10 over the split's partition, so id ranges are pruned)."""
+        return BINARY_SCHEMA, f"{self.view(split)}_bytes"
+
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):

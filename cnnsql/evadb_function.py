@@ -1,16 +1,16 @@
-"""The one EvaDB function implementation, generic over engines. `evadb_udfs/*.py` subclass it.
+"""The one EvaDB function implementation, generic over engines; `evadb_udfs/*.py` subclass it. A thin
+adapter over the one predictor (cnnsql/predictor.py), which owns weights, shapes, decoding, the
+bad-row rule and class names.
 
-Input: the `img` column of the cifar_* or dataset views (base64 text of the stored bytes: 3,072 for
-CIFAR-10, C*H*W of the weights' model in general), or the bytes
-themselves when cnnsql's EvaDB reads a view's binary twin (cnnsql/evadb_patch).
-Output per row: label (class index), class_name, probability (of that class), probs (one per class).
-A bad row (NULL, not base64, wrong length) yields NULL outputs and a warning naming its
-position; it never gets a made-up prediction. Engines are cached per process, so repeated
-queries do not pay for loading weights again.
+Input: the `img` column of the cifar_* or dataset views (base64 text of the stored bytes: C*H*W of
+the weights' model, 3,072 for CIFAR-10), or the bytes themselves when cnnsql's EvaDB reads a view's
+binary twin (cnnsql/evadb_patch). Output per row: label (class index), class_name, probability (of
+that class), probs (one per class). A bad row (NULL, not base64, wrong length) yields NULL outputs
+and a warning naming its position. Predictors are cached per process, so repeated queries do not
+pay for loading weights again.
 """
 from __future__ import annotations
 
-import binascii
 import logging
 import os
 import time
@@ -25,15 +25,13 @@ from evadb.functions.decorators.io_descriptors.data_types import PandasDataframe
 
 from . import config
 from .cifar import IMAGE_BYTES
-from .engines import ENGINES, get_engine
+from .engines import ENGINES
 from .errors import CnnsqlError
-from .weights import load_weights
+from .predictor import Predictor, decode
 
 log = logging.getLogger("cnnsql.evadb")
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 OUTPUTS = ["label", "class_name", "probability", "probs"]
 
-_ENGINES: dict[tuple, object] = {}
 # Time spent inside functions of this process, by engine: decode vs predict (for the overhead report).
 STATS: dict[str, dict[str, float]] = {}
 
@@ -43,54 +41,14 @@ def default_weights() -> Path:
 
 
 def cached_engine(engine: str, weights: str, device: str, threads: int | None):
-    path = Path(weights).resolve()
-    key = (engine, str(path), path.stat().st_mtime_ns if path.exists() else None, device, threads)
-    if key not in _ENGINES:
-        _ENGINES[key] = get_engine(engine, load_weights(path), device=device, threads=threads)
-    return _ENGINES[key]
-
-
-B64_CHARS = IMAGE_BYTES // 3 * 4  # 3,072 bytes encode to exactly 4,096 characters, no padding
+    """The engine of this process's cached predictor (the benchmark's raw path shares it with EvaDB)."""
+    return Predictor.cached(engine, weights, device=device, threads=threads).engine
 
 
 def decode_images(column: pd.Series, size: int = IMAGE_BYTES) -> tuple[np.ndarray, np.ndarray]:
-    """Images as stored bytes (the binary twins) or base64 text (the views) -> (uint8 (N, size) of the
-    valid rows, boolean mask of valid rows). `size`: bytes per image (the model's C*H*W; 3,072 for CIFAR-10).
-
-    Fast paths: every row 3,072 bytes (one join), or every row a 4,096-character string (one strict
-    decode of their concatenation: any non-alphabet character fails it). Otherwise row by row.
-    """
-    values = column.tolist()
-    chars = -(-size // 3) * 4
-    if values and all(isinstance(v, (bytes, memoryview)) and len(v) == size for v in values):
-        return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, size), np.ones(len(values), bool)
-    if size % 3 == 0 and all(isinstance(v, str) and len(v) == chars for v in values):  # no padding: concatenable
-        try:
-            raw = binascii.a2b_base64("".join(values), strict_mode=True)
-            return np.frombuffer(raw, dtype=np.uint8).reshape(-1, size), np.ones(len(values), bool)
-        except (binascii.Error, ValueError):
-            pass  # some row is bad: find it below
-    out = np.zeros((len(column), size), dtype=np.uint8)
-    ok = np.zeros(len(column), dtype=bool)
-    for i, value in enumerate(values):
-        raw = _image_bytes(value, size)
-        if raw is not None:
-            out[i] = np.frombuffer(raw, dtype=np.uint8)
-            ok[i] = True
-    return out[ok], ok
-
-
-def _image_bytes(value, size: int = IMAGE_BYTES) -> bytes | None:
-    """One row's `size` image bytes, or None when it is NULL or malformed."""
-    if isinstance(value, (bytes, memoryview)):
-        return bytes(value) if len(value) == size else None
-    if not isinstance(value, str) or len(value) != -(-size // 3) * 4:
-        return None
-    try:
-        raw = binascii.a2b_base64(value, strict_mode=True)
-    except (binascii.Error, ValueError):
-        return None
-    return raw if len(raw) == size else None
+    """Stored bytes or base64 text -> (uint8 (N_ok, size) of the valid rows, boolean mask of valid rows)."""
+    dec = decode(column.tolist(), (size,))
+    return dec.images, dec.ok
 
 
 class CNNFunction(AbstractFunction):
@@ -114,9 +72,11 @@ class CNNFunction(AbstractFunction):
             if not self.engine_name:
                 raise CnnsqlError(f"{type(self).__name__} was registered without an engine",
                                   "register it through cnnsql (cnnsql shell, evadb_session.connect)")
-            self.engine = cached_engine(self.engine_name, *self.options)
-            self.batch_size = self.batch_size or self.engine.default_batch_size
-            self.class_names = self.engine.weights.manifest.get("class_names") or CIFAR10_CLASSES
+            weights, device, threads = self.options
+            self.predictor = Predictor.cached(self.engine_name, weights, device=device, threads=threads)
+            self.engine = self.predictor.engine
+            self.batch_size = self.batch_size or self.predictor.batch_size
+            self.class_names = self.predictor.class_names
 
     @property
     def name(self) -> str:
@@ -133,9 +93,10 @@ class CNNFunction(AbstractFunction):
         self._load()
         stats = STATS.setdefault(self.engine_name, {"decode_s": 0.0, "predict_s": 0.0, "rows": 0, "bad_rows": 0})
         t0 = time.perf_counter()
-        images, ok = decode_images(frames.iloc[:, 0], self.engine.spec.input_size)
+        dec = self.predictor.decode(frames.iloc[:, 0].tolist())
+        images, ok = dec.images, dec.ok
         t1 = time.perf_counter()
-        probs = self.engine.predict(images, batch_size=self.batch_size)
+        probs = self.predictor.predict(images, self.batch_size)
         t2 = time.perf_counter()
         stats["decode_s"] += t1 - t0
         stats["predict_s"] += t2 - t1

@@ -226,16 +226,20 @@ def install(target: db.Target, engines: list[str], weights: Path, threads: int |
     return info
 
 
-def verify(target: db.Target, engine: str) -> float:
-    """Classify one zero image in a fresh backend; seconds taken (the engine's load). Raises on failure."""
+def verify(target: db.Target, engine: str, weights: Path) -> float:
+    """Classify one zero image of the weights' model in a fresh backend; seconds taken (the engine's load).
+    Raises on failure."""
+    from .weights import load_weights
+
+    spec = load_weights(weights).spec
     with db.connection(target) as conn:
         t0 = time.perf_counter()
         with conn.cursor() as cur:
             cur.execute(sql.SQL("SELECT (p).label FROM (SELECT {}.{}(%s) AS p) s").format(
-                sql.Identifier(SCHEMA), sql.Identifier(sql_name(engine).lower())), (bytes(3072),))
+                sql.Identifier(SCHEMA), sql.Identifier(sql_name(engine).lower())), (bytes(spec.input_size),))
             label = cur.fetchone()[0]
         conn.rollback()
-    if label is None or not 0 <= label < 10:
+    if label is None or not 0 <= label < spec.num_classes:
         raise CnnsqlError(f"cnnsql.{sql_name(engine)} returned label {label!r} for a valid image")
     return time.perf_counter() - t0
 
@@ -346,7 +350,7 @@ def functions_command(args) -> int:
     for e in engines:
         try:
             print(f"  cnnsql.{sql_name(e)}: works inside the server (first call, with the engine's load, "
-                  f"{verify(target, e):.1f} s)")
+                  f"{verify(target, e, weights):.1f} s)")
         except (psycopg2.Error, CnnsqlError) as exc:
             failed.append(e)
             with db.connection(target) as conn:

@@ -18,20 +18,22 @@ from pathlib import Path
 import numpy as np
 from psycopg2 import sql
 
-from . import db, evadb_function, ray_local, results, stats
+from . import datasets, db, ray_local, results, stats
 from .engines import engine_class
 from .errors import CnnsqlError
 from .monitor import ResourceMonitor
 
 
 class ShardWorker:
-    """The Ray actor body (wrapped with ray.remote at run time)."""
+    """The Ray actor body (wrapped with ray.remote at run time): an adapter over the one predictor."""
 
-    def __init__(self, engine: str, weights, threads: int, dsn: str, env: dict):
+    def __init__(self, engine: str, weights, threads: int, dsn: str, env: dict, relation: tuple[str, str]):
         os.environ.update(env)
-        from .engines import get_engine
+        from .predictor import Predictor
 
-        self.engine = get_engine(engine, weights, threads=threads)
+        self.predictor = Predictor.load(engine, weights, threads=threads)
+        self.engine = self.predictor.engine
+        self.relation = relation  # (schema, view) of the split's stored images: Dataset.bytes_relation
         self.dsn = dsn
         self.conn = None
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -45,18 +47,16 @@ class ShardWorker:
         return os.getpid()
 
     def warmup(self, n: int = 2) -> None:
-        self.engine.predict(np.zeros((n, 3, 32, 32), np.uint8))
+        self.predictor.warmup(n)
 
     def run_shard(self, run_id: int, table: str, lo: int, hi: int, batch: int) -> dict:
         conn = self._connect()
         t0 = time.perf_counter()
         with conn.cursor() as cur:
-            cur.execute("SELECT id, img FROM cifar_image WHERE split = 'test' AND id >= %s AND id < %s ORDER BY id",
-                        (lo, hi))
+            cur.execute(shard_query(self.relation), (lo, hi))
             rows = cur.fetchall()
         conn.rollback()
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
-        images = np.frombuffer(b"".join(r[1] for r in rows), np.uint8).reshape(-1, 3, 32, 32)
+        ids = [r[0] for r in rows]
         upsert = sql.SQL("INSERT INTO {} (run_id, id, label, probability, probs, worker) VALUES %s "
                          "ON CONFLICT (run_id, id) DO UPDATE SET label = EXCLUDED.label, "
                          "probability = EXCLUDED.probability, probs = EXCLUDED.probs, worker = EXCLUDED.worker, "
@@ -64,14 +64,19 @@ class ShardWorker:
         from psycopg2.extras import execute_values
 
         for i in range(0, len(ids), batch):
-            probs = self.engine.predict(images[i:i + batch], batch)
-            top = probs.argmax(1)
-            values = [(run_id, int(k), int(t), float(p[t]), p.tolist(), self.name)
-                      for k, t, p in zip(ids[i:i + batch], top, probs)]
+            out, bad = self.predictor.classify([r[1] for r in rows[i:i + batch]], ids[i:i + batch])
+            if bad:  # the stored images are checked at load: a bad one here is corruption, never a guess
+                raise CnnsqlError(f"Ray worker: {bad[0][1]} (id {bad[0][0]}) in {'.'.join(self.relation)}",
+                                  "reload the dataset")
+            values = [(run_id, i_, label, prob, probs, self.name) for i_, label, _, prob, probs in out]
             with conn.cursor() as cur:
                 execute_values(cur, upsert.as_string(conn), values, page_size=len(values))
             conn.commit()
         return {"lo": lo, "hi": hi, "rows": len(ids), "seconds": time.perf_counter() - t0, "worker": self.name}
+
+
+def shard_query(relation: tuple[str, str]) -> sql.Composed:
+    return sql.SQL("SELECT id, img FROM {} WHERE id >= %s AND id < %s ORDER BY id").format(sql.Identifier(*relation))
 
 
 def _shards(n: int, count: int) -> list[tuple[int, int]]:
@@ -101,9 +106,10 @@ def worker_env(target: db.Target, private_dir: Path | None) -> dict:
     return {"OMP_NUM_THREADS": "1", **ray_local.worker_secrets(target, private_dir)}
 
 
-def actor_args(engine: str, weights_ref, threads: int, target: db.Target, env: dict) -> tuple:
+def actor_args(engine: str, weights_ref, threads: int, target: db.Target, env: dict,
+               relation: tuple[str, str] = ("cnnsql_bytes", "cifar_test_bytes")) -> tuple:
     """ShardWorker's arguments. They are pickled into Ray's GCS: no password in them (see ray_local)."""
-    return engine, weights_ref, threads, ray_local.worker_dsn(target), env
+    return engine, weights_ref, threads, ray_local.worker_dsn(target), env, relation
 
 
 def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> list[dict]:
@@ -116,16 +122,29 @@ def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> li
     unknown = [e for e in cfg.engines if e not in ENGINES]
     if unknown:
         raise CnnsqlError(f"unknown engine {unknown[0]!r}", f"choose from: {', '.join(ENGINES)}")
+    from . import model_spec
+
     target = db.resolve()
     conn = db.connect(target)
-    db.ensure_schema(conn)
-    ensure_table(conn, table)
-    info = results.dataset_info(conn)
-    n_avail = info.get("test", {}).get("n_rows") or 0
-    if not n_avail:
+    try:
+        db.ensure_schema(conn)
+        ensure_table(conn, table)
+        try:
+            ds = datasets.info(conn, cfg.dataset)
+        except CnnsqlError as exc:
+            raise CnnsqlError(f"the database holds no test images for the Ray workers: {exc.args[0]}",
+                              "run `cnnsql load` first") from None
+        n_avail = ds.n_test
+        if not n_avail:
+            raise CnnsqlError("the database holds no test images for the Ray workers", "run `cnnsql load` first")
+        weights_path = cfg.weights_path(ds.name)
+        if not weights_path.exists():
+            raise CnnsqlError(f"no weights at {weights_path} for dataset {ds.name}",
+                              f"run `cnnsql bench --dataset {ds.name}` (it trains them) or pass --weights")
+        model_spec.check_weights_model(weights_path, cfg.model, ds.shape, ds.num_classes)
+    except BaseException:
         conn.close()
-        raise CnnsqlError("the database holds no test images for the Ray workers", "run `cnnsql load` first")
-    weights_path = Path(cfg.weights or evadb_function.default_weights()).absolute()
+        raise
     weights = load_weights(weights_path)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     private_dir = ray_local.init(address, num_cpus=max(max(workers_list), os.cpu_count() or 1))
@@ -138,14 +157,13 @@ def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> li
         cluster = (f"{'ray ' + address if address else 'local ray'}: {len(ray.nodes())} node(s), "
                    f"{int(res.get('CPU', 0))} CPUs")
         session = results.new_session_id()
-        version = results.dataset_version(conn)
         weights_ref = ray.put(weights)
         Actor = ray.remote(max_restarts=3, max_task_retries=3)(ShardWorker)
         for engine in cfg.engines:
             n = cfg.n_images(engine, n_avail)
             for workers in workers_list:
                 rows.append(_run_one(cfg, conn, session, Actor, weights_ref, (target, env), engine, workers, n,
-                                     table, cluster, str(weights_path), info["test"]["kind"], version))
+                                     table, cluster, str(weights_path), ds))
     finally:
         ray.shutdown()
         ray_local.cleanup(private_dir)
@@ -157,8 +175,7 @@ def run_ray(cfg, workers_list: list[int], address: str | None, table: str) -> li
     return rows
 
 
-def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, table, cluster, weights, kind,
-             version):
+def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, table, cluster, weights, ds):
     import ray
     from ray.util import ActorPool
 
@@ -169,14 +186,15 @@ def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, 
     # its compilation); no untimed pass over the shards, so the run records warmup = 0.
     spec = dict(kind="ray", scenario="offline", engine=engine, split="test", n_rows=n, batch_size=batch,
                 threads=threads, device="cpu", warmup=0, repetitions=cfg.reps(), workers=workers,
-                cluster=cluster, dataset_kind=kind, weights=weights,
-                query="SELECT id, img FROM cifar_image WHERE split = 'test' AND id >= %s AND id < %s ORDER BY id")
+                cluster=cluster, dataset_kind=ds.kind if ds.kind != "folder" else f"folder:{ds.name}",
+                weights=weights, query=shard_query(ds.bytes_relation("test")).as_string(conn))
     actors = []
     with results.logged_run(conn, session, **spec) as run:
         try:
             # SPREAD: one worker per node before two on one (the default packs the driver's node first)
             actors = [Actor.options(num_cpus=threads, scheduling_strategy="SPREAD")
-                      .remote(*actor_args(engine, weights_ref, threads, *where)) for _ in range(workers)]
+                      .remote(*actor_args(engine, weights_ref, threads, *where, ds.bytes_relation("test")))
+                      for _ in range(workers)]
             ray.get([a.warmup.remote() for a in actors])
             if cfg.progress:
                 print(f"[ray {engine} x{workers}] {n} images in {len(shards)} shards, pids "
@@ -192,7 +210,7 @@ def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, 
                 for _ in range(cfg.reps()):
                     done = clock.time("ray", one_pass)
             check_complete(conn, table, run.id, n)
-            results.check_dataset(conn, version, f"Ray run {run.id}")
+            datasets.check_version(conn, ds, ds.version, f"Ray run {run.id}")
             walls = clock.walls["ray"]
             wall = stats.summary(walls)
             verdict = clock.verdict("ray")
