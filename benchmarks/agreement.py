@@ -14,9 +14,10 @@ import time
 
 import numpy as np
 
-from cnnsql import data, db
+from cnnsql.data import cifar_table as data
+from cnnsql import db
 from cnnsql.engines import get_engine
-from cnnsql.weights import load_weights
+from cnnsql.models.weights import load_weights
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ also sets it through EvaDB's catalog API. Usage:
 
 EvaDB's `ray` extra asks for ray<2.5; the pinned ray 2.55.1 runs its Ray mode all the same
 (measured). EvaDB starts Ray itself: the environment below keeps that instance on loopback
-(see cnnsql/ray_local.py), since EvaDB passes no such option.
+(see cnnsql/placements/ray_local.py), since EvaDB passes no such option.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cnnsql import evadb_session
-from cnnsql.evadb_function import default_weights
+from cnnsql.placements import evadb_session
+from cnnsql.placements.evadb_function import default_weights
 
 
 def timed(cursor, query: str, reps: int) -> list[float]:

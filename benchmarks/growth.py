@@ -44,7 +44,7 @@ def child_raw(engine_name: str, weights: str, threads: int, limit: int | None) -
 
     from cnnsql import db
     from cnnsql.engines import get_engine
-    from cnnsql.weights import load_weights
+    from cnnsql.models.weights import load_weights
 
     engine = get_engine(engine_name, load_weights(weights), threads=threads)
     engine.predict(np.zeros((2, 3, 32, 32), np.uint8))  # warm-up
@@ -73,8 +73,8 @@ def _xor_ids(ids) -> int:
 
 
 def child_sql(engine_name: str, weights: str, threads: int, limit: int | None) -> dict:
-    from cnnsql import evadb_session
-    from cnnsql.pgfunctions import sql_name
+    from cnnsql.placements import evadb_session
+    from cnnsql.placements.pgfunctions import sql_name
 
     f = sql_name(engine_name)
     cursor = evadb_session.connect(weights=weights, threads=threads)
@@ -326,7 +326,8 @@ def main() -> None:
         print(json.dumps(res))
         return
     _patch_popen_rusage()
-    from cnnsql import db, results
+    from cnnsql import db
+    from cnnsql import results
 
     conn = db.connect()
     db.ensure_schema(conn)

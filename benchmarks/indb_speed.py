@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnsql import data, db, pgfunctions
+from cnnsql.data import cifar_table as data
+from cnnsql import db
+from cnnsql.placements import pgfunctions
 from cnnsql.engines import engine_class, get_engine
-from cnnsql.weights import load_weights
+from cnnsql.models.weights import load_weights
 
 BATCH_QUERY = """SELECT p.id, p.label, p.probs FROM (
     SELECT id / %(batch)s AS b, array_agg(id ORDER BY id) AS ids, array_agg(img ORDER BY id) AS imgs

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnsql import model_spec as M
-from cnnsql import weights as W
+from cnnsql.models import model_spec as M
+from cnnsql.models import weights as W
 from cnnsql.engines import get_engine
 
 

@@ -8,7 +8,7 @@ connected before the clock starts) each stream theirs with `SELECT id, img FROM 
 WHERE id >= lo AND id < hi` through a server-side cursor, 2,048 rows per fetch, into NumPy (what a worker
 does before its engine). Aggregate images/s = N / (last reader done - common start). The K values
 alternate within each round (1, 2, 4, 8, 1, 2, ...) so they see the same machine; medians of the rounds.
-Worker: `cnnsql.ray_runner.ShardWorker` (the Ray actor's own class, here without Ray) runs one shard of
+Worker: `cnnsql.placements.ray_worker.ShardWorker` (the Ray actor's own class, here without Ray) runs one shard of
 `--worker-images` test images: read, predict, upsert the predictions into a scratch table
 `scaling_prediction`, committing per batch; beside it the engine alone on the same images in memory.
 Prints one JSON object (and a table on stderr) with the 1-minute load average around every measurement.
@@ -85,15 +85,19 @@ def measure_readers(target, split: str, n: int, ks: list[int], rounds: int) -> d
 
 def measure_worker(target, engine: str, weights: str, threads: int, n: int, rounds: int) -> dict:
     """ShardWorker.run_shard (read + predict + upsert) and the engine alone, alternating."""
-    from cnnsql import data, db, ray_local, ray_runner
+    from cnnsql.data import cifar_table as data
+    from cnnsql import db
+    from cnnsql.placements import ray_local
+    from cnnsql.bench import ray_runner
+    from cnnsql.placements import ray_worker
     from cnnsql.engines import engine_class
-    from cnnsql.weights import load_weights
+    from cnnsql.models.weights import load_weights
 
     conn = db.connect(target)
     ray_runner.ensure_table(conn, "scaling_prediction")
     _, images, _ = data.fetch_split(conn, "test", limit=n)
-    worker = ray_runner.ShardWorker(engine, load_weights(weights), threads, ray_local.worker_dsn(target),
-                                    ray_local.worker_secrets(target, None))
+    worker = ray_worker.ShardWorker(engine, load_weights(weights), threads, ray_local.worker_dsn(target),
+                                    ray_local.worker_secrets(target, None), ("cnnsql_bytes", "cifar_test_bytes"))
     batch = engine_class(engine).default_batch_size
     worker.warmup()
     worker.run_shard(0, "scaling_prediction", 0, min(n, 2 * batch), batch)  # warm-up: connection, upsert plan

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnnsql.engines import get_engine  # noqa: E402
-from cnnsql.weights import random_weights, reference_forward  # noqa: E402
+from cnnsql.models.weights import random_weights, reference_forward  # noqa: E402
 
 # Multiply-adds x 2 per image (biases, ReLU, pooling and softmax left out).
 FLOP_PER_IMAGE = 2 * (30 * 30 * 64 * 3 * 9 + 28 * 28 * 64 * 64 * 9 + 12544 * 512 + 512 * 10)

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def child(weights: str, rows: int, stock: bool) -> dict:
-    from cnnsql import evadb_patch, evadb_session
+    from cnnsql.placements import evadb_patch
+    from cnnsql.placements import evadb_session
 
     if stock:
         evadb_patch.install = lambda: False

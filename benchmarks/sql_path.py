@@ -35,7 +35,7 @@ def timed(call) -> float:
 
 def one_image(cursor, function: str, n: int) -> dict:
     """Wall and CPU time (this process, all threads; the server's share is not in it) per query."""
-    from cnnsql import evadb_session
+    from cnnsql.placements import evadb_session
 
     walls, cpus = [], []
     for k in range(n + 1):
@@ -59,7 +59,11 @@ def main() -> None:
     ap.add_argument("--stock-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from cnnsql import data, db, evadb_function, evadb_patch, evadb_session
+    from cnnsql.data import cifar_table as data
+    from cnnsql import db
+    from cnnsql.placements import evadb_function
+    from cnnsql.placements import evadb_patch
+    from cnnsql.placements import evadb_session
 
     if args.stock_child:
         evadb_patch.install = lambda: False

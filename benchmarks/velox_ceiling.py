@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnsql.engines import get_engine, velox_runtime
+from cnnsql.engines import get_engine
+from cnnsql.engines import velox_runtime
 from cnnsql.engines.base import Engine, tune_malloc
-from cnnsql.weights import random_weights, reference_forward
+from cnnsql.models.weights import random_weights, reference_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 DIRECT_MACS = 900 * 64 * 27 + 784 * 64 * 576 + 512 * 12544 + 10 * 512      # 36.9 M: direct convolutions

@@ -20,9 +20,10 @@ import time
 
 import numpy as np
 
-from cnnsql import model_spec as M
-from cnnsql import weights as W
-from cnnsql.engines import get_engine, velox_layers
+from cnnsql.models import model_spec as M
+from cnnsql.models import weights as W
+from cnnsql.engines import get_engine
+from cnnsql.engines import velox_layers
 from cnnsql.engines.base import tune_malloc
 
 from velox_ceiling import NEW_MACS, ceiling

@@ -1,5 +1,5 @@
-"""EvaDB function Classify: the CNN on the default engine (CREATE FUNCTION metadata `engine`; see cnnsql/evadb_function.py)."""
-from cnnsql.evadb_function import CNNFunction
+"""EvaDB function Classify: the CNN on the default engine (CREATE FUNCTION metadata `engine`; see cnnsql/placements/evadb_function.py)."""
+from cnnsql.placements.evadb_function import CNNFunction
 
 
 class Classify(CNNFunction):

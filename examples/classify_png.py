@@ -4,8 +4,9 @@
 """
 import argparse
 
-from cnnsql import db, evadb_session
-from cnnsql.images import insert_image
+from cnnsql import db
+from cnnsql.placements import evadb_session
+from cnnsql.data.images import insert_image
 
 ap = argparse.ArgumentParser()
 ap.add_argument("image")

@@ -5,7 +5,7 @@
 import argparse
 import time
 
-from cnnsql import evadb_session
+from cnnsql.placements import evadb_session
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--engine", default="TorchCNN", choices=["TorchCNN", "TensorflowCNN", "VeloxCNN", "Classify"])

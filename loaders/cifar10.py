@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from cnnsql.cli import main
+from cnnsql.cli.main import main
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 -- EvaDB registration: the PostgreSQL data source `pg` and the CNN functions.
--- `cnnsql shell`, `cnnsql bench` and the examples run these statements (cnnsql/evadb_session.py)
+-- `cnnsql shell`, `cnnsql bench` and the examples run these statements (cnnsql/placements/evadb_session.py)
 -- with the $-placeholders filled in. No password is ever written here: libpq reads it at connect
 -- time (the empty "password" keeps stock EvaDB's URL valid). Function options travel as
 -- CREATE FUNCTION metadata into the function's setup().

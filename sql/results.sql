@@ -52,7 +52,7 @@ DO $$ BEGIN
   END IF;
 END $$;
 
--- Spread and noise (cnnsql/stats.py): the median wall_s above comes with its min and max; cpu_s is the
+-- Spread and noise (cnnsql/measure/stats.py): the median wall_s above comes with its min and max; cpu_s is the
 -- median user + system CPU of the benchmark's process tree per repetition; noisy: other processes used
 -- more than 10% of the machine's CPU during the timed repetitions, or they spread more than 15%
 -- (detail->'noise_reasons' says which); load_1m: the machine's load average when the session started.

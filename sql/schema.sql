@@ -56,7 +56,7 @@ CREATE OR REPLACE VIEW user_images AS
 -- Binary twins of the base64 views: cnnsql_bytes.<view>_bytes, the same rows with `img` as bytea
 -- (not the same name: stock EvaDB looks columns up by table name in every schema). cnnsql's EvaDB
 -- reads a twin instead of the view when a statement uses `img` only as the argument of a cnnsql
--- CNN function (cnnsql/evadb_patch): 3,072 bytes per image on the wire instead of 4,096
+-- CNN function (cnnsql/placements/evadb_patch): 3,072 bytes per image on the wire instead of 4,096
 -- characters, and no base64 work on either side. Anything else (SELECT img ...) reads the view.
 CREATE SCHEMA IF NOT EXISTS cnnsql_bytes;
 CREATE OR REPLACE VIEW cnnsql_bytes.cifar_train_bytes AS SELECT id, label, img FROM cifar_image_train;

@@ -29,7 +29,7 @@ def _find_real_archive() -> Path | None:
     shared = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
     if shared.is_file():
         return shared
-    from cnnsql import cifar
+    from cnnsql.data import cifar
 
     return next((p.absolute() for _, p in cifar.candidate_sources() if p.is_file()), None)
 
@@ -150,7 +150,7 @@ def server_subdir(server_tmp: Path, name: str, mode: int = 0o755) -> Path:
 
 @pytest.fixture(scope="session")
 def random_weights_file(server_tmp):
-    from cnnsql import weights as W
+    from cnnsql.models import weights as W
 
     path = server_subdir(server_tmp, "w") / "random.npz"
     W.save_weights(path, W.random_weights(3).arrays, {"trained_by": "random", "seed": 3})

@@ -13,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from cnnsql import cifar, db
-from cnnsql.errors import CnnsqlError
+from cnnsql.data import cifar
+from cnnsql import db
+from cnnsql.core.errors import CnnsqlError
 from conftest import REPO, run_cli
 
 

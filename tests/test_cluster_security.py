@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from cnnsql.pgcluster import PrivateCluster, pg_bin
+from cnnsql.db.pgcluster import PrivateCluster, pg_bin
 from conftest import run_cli, traversable_tmpdir
 
 pytestmark = pytest.mark.integration  # private PostgreSQL clusters started and probed

@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from cnnsql import datasets, image_folder
-from cnnsql.errors import CnnsqlError
+from cnnsql.data import datasets
+from cnnsql.data import image_folder
+from cnnsql.core.errors import CnnsqlError
 from conftest import run_cli
 
 PIL = pytest.importorskip("PIL.Image")
@@ -155,7 +156,7 @@ def vgg_digits(digits, tmp_path_factory):
 
 
 def test_train_on_digits_writes_a_described_model(vgg_digits):
-    from cnnsql.weights import load_weights
+    from cnnsql.models.weights import load_weights
 
     out, proc = vgg_digits
     w = load_weights(out)
@@ -199,8 +200,9 @@ def test_bench_drops_or_refuses_an_engine_that_cannot_run_the_model(monkeypatch,
     """Every engine runs every built-in model today (Velox generates plans), so the rule is checked
     with an engine class that declares it cannot: named in --engines it is refused in one line,
     otherwise left out with a NOTE."""
-    from cnnsql import bench, model_spec
-    from cnnsql.bench_config import BenchConfig
+    from cnnsql.bench import harness as bench
+    from cnnsql.models import model_spec
+    from cnnsql.bench.bench_config import BenchConfig
 
     monkeypatch.setattr(bench, "engine_class", lambda name: _Unable if name == "velox" else _Able)
     b = bench.Bench.__new__(bench.Bench)

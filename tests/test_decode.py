@@ -6,7 +6,7 @@ import base64
 import numpy as np
 import pandas as pd
 
-from cnnsql.evadb_function import decode_images
+from cnnsql.placements.evadb_function import decode_images
 
 
 def b64(arr: np.ndarray) -> str:

@@ -109,7 +109,7 @@ def test_dockerignore_keeps_what_the_image_needs():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     needed = [p for p in tracked if p.split("/")[0] in
               ("cnnsql", "sql", "evadb_udfs", "loaders", "pyproject.toml", "README.md", "Makefile", "examples")]
-    assert "pyproject.toml" in needed and "cnnsql/cli.py" in needed
+    assert "pyproject.toml" in needed and "cnnsql/cli/main.py" in needed
     dropped = [p for p in needed if docker_excludes(p, rules)]
     assert not dropped, f"the image build needs these, but .dockerignore drops them: {dropped}"
 
@@ -117,4 +117,4 @@ def test_dockerignore_keeps_what_the_image_needs():
 def test_the_matcher_follows_docker_semantics():
     assert docker_excludes(".venv/lib/x.py", [".venv"]) and not docker_excludes("a/.venv/x", [".venv"])
     assert docker_excludes("a/b/.venv/x", ["**/.venv"]) and docker_excludes("x.npz", ["**/*.npz"])
-    assert not docker_excludes("cnnsql/data.py", ["data"]) and not docker_excludes("keep", ["*", "!keep"])
+    assert not docker_excludes("cnnsql/data/cifar_table.py", ["data"]) and not docker_excludes("keep", ["*", "!keep"])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cnnsql.engines import engine_class, get_engine
-from cnnsql.errors import CnnsqlError
-from cnnsql.weights import Weights, load_weights, random_weights, reference_forward, save_weights
+from cnnsql.core.errors import CnnsqlError
+from cnnsql.models.weights import Weights, load_weights, random_weights, reference_forward, save_weights
 
 pytestmark = pytest.mark.integration  # the three frameworks, trained and run
 
@@ -104,7 +104,7 @@ def test_export_layout_round_trip(name, weights):
 
 @pytest.mark.parametrize("name", ENGINES)
 def test_train_smoke(name):
-    from cnnsql.train import train
+    from cnnsql.engines.train import train
 
     rng = np.random.default_rng(0)
     x, y = images(192, seed=1), rng.integers(0, 10, 192)
@@ -125,7 +125,7 @@ def test_train_smoke(name):
 
 
 def test_train_is_seeded():
-    from cnnsql.train import train
+    from cnnsql.engines.train import train
 
     rng = np.random.default_rng(1)
     x, y = images(128, seed=4), rng.integers(0, 10, 128)
@@ -136,7 +136,7 @@ def test_train_is_seeded():
 
 
 def test_train_rejects_bad_input():
-    from cnnsql.train import train
+    from cnnsql.engines.train import train
 
     x = images(4)
     with pytest.raises(CnnsqlError, match="cannot train"):

@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from cnnsql import cifar, config, db
+from cnnsql.data import cifar
+from cnnsql.core import config
+from cnnsql import db
 from conftest import REPO, SYNTHETIC_IMAGES, run_cli
 
 

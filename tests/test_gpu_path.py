@@ -37,7 +37,7 @@ def test_monitor_reads_gpu_utilisation_from_nvidia_smi(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\nwhile true; do echo '42'; echo '58'; sleep 0.05; done\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    from cnnsql.monitor import ResourceMonitor
+    from cnnsql.measure.monitor import ResourceMonitor
 
     with ResourceMonitor(interval=0.05) as mon:
         time.sleep(0.5)

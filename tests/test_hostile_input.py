@@ -18,9 +18,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from cnnsql import cifar
-from cnnsql import weights as W
-from cnnsql.errors import CnnsqlError
+from cnnsql.data import cifar
+from cnnsql.models import weights as W
+from cnnsql.core.errors import CnnsqlError
 from conftest import REPO
 
 pytestmark = pytest.mark.integration  # the CLI in subprocesses against hostile archives and weights

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnnsql import importer, reference
+from cnnsql.engines import importer
+from cnnsql.models import reference
 from cnnsql.engines import get_engine
-from cnnsql.errors import CnnsqlError
-from cnnsql.weights import load_weights
+from cnnsql.core.errors import CnnsqlError
+from cnnsql.models.weights import load_weights
 from conftest import run_cli
 
 pytestmark = pytest.mark.integration  # PyTorch and Keras models converted

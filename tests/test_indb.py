@@ -8,9 +8,10 @@ import numpy as np
 import psycopg2
 import pytest
 
-from cnnsql import db, pgfunctions
-from cnnsql import weights as W
-from cnnsql.errors import CnnsqlError
+from cnnsql import db
+from cnnsql.placements import pgfunctions
+from cnnsql.models import weights as W
+from cnnsql.core.errors import CnnsqlError
 from conftest import REPO, run_cli, server_subdir
 
 pytestmark = pytest.mark.usefixtures("need_plpython")  # each test: skip without PL/Python

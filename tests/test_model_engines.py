@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnnsql import model_spec as M
-from cnnsql import weights as W
+from cnnsql.models import model_spec as M
+from cnnsql.models import weights as W
 from cnnsql.engines import get_engine
-from cnnsql.errors import CnnsqlError
+from cnnsql.core.errors import CnnsqlError
 
 from test_model_spec import ODD
 

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from cnnsql import model_spec as M
-from cnnsql import reference
-from cnnsql import weights as W
-from cnnsql.errors import CnnsqlError
+from cnnsql.models import model_spec as M
+from cnnsql.models import reference
+from cnnsql.models import weights as W
+from cnnsql.core.errors import CnnsqlError
 
 OLD_SHAPES = {
     "conv1.weight": (64, 3, 3, 3), "conv1.bias": (64,), "conv2.weight": (64, 64, 3, 3), "conv2.bias": (64,),

@@ -14,10 +14,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cnnsql import bench_config, pgfunctions, results_doc, stats
-from cnnsql.bench import format_table, split_other
+from cnnsql.bench import bench_config
+from cnnsql.placements import pgfunctions
+from cnnsql.results import results_doc
+from cnnsql.measure import stats
+from cnnsql.bench.harness import format_table, split_other
 from cnnsql.engines import ENGINES, engine_class
-from cnnsql.errors import CnnsqlError
+from cnnsql.core.errors import CnnsqlError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,7 +165,7 @@ def test_table_prints_ranges_and_the_noisy_flag():
 
 
 def test_cli_defaults_are_the_bench_config_defaults():
-    from cnnsql.cli import build_parser
+    from cnnsql.cli.main import build_parser
 
     args = build_parser().parse_args(["bench"])
     d = bench_config.BenchConfig()
@@ -227,7 +230,8 @@ def test_engine_declares_its_capabilities(name):
 # --- the one run lifecycle (bench, Ray and training use it) --------------------------------------
 
 def test_run_lifecycle_marks_failed_unfinished_and_complete_runs(conn):
-    from cnnsql import db, results
+    from cnnsql import db
+    from cnnsql import results
 
     db.ensure_schema(conn)
     session = results.new_session_id()
@@ -255,7 +259,8 @@ def test_report_on_a_session_without_an_sql_offline_run_is_one_clear_line(conn, 
     """A session whose only SQL run is fetch-only once crashed the report with a traceback."""
     from conftest import run_cli
 
-    from cnnsql import db, results
+    from cnnsql import db
+    from cnnsql import results
 
     db.ensure_schema(conn)
     session = results.new_session_id()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnnsql import datasets, db, model_spec
-from cnnsql import weights as W
-from cnnsql.predictor import Predictor
+from cnnsql.data import datasets
+from cnnsql import db
+from cnnsql.models import model_spec
+from cnnsql.models import weights as W
+from cnnsql.placements.predictor import Predictor
 from conftest import run_cli, server_subdir
 from test_datasets import export_digits
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from cnnsql.engines import get_engine
-from cnnsql.weights import load_weights
+from cnnsql.models.weights import load_weights
 from conftest import REPO, run_cli
 
 N = 1500
@@ -28,7 +28,7 @@ def predictions(conn, table, run_id):
 
 
 def single_process_labels(conn, random_weights_file):
-    from cnnsql import data
+    from cnnsql.data import cifar_table as data
 
     _, images, _ = data.fetch_split(conn, "test", limit=N)
     return get_engine("torch", load_weights(random_weights_file), threads=2).predict(images).argmax(1)

@@ -18,7 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cnnsql import db, ray_local, ray_runner
+from cnnsql import db
+from cnnsql.placements import ray_local
+from cnnsql.placements import ray_worker
 from conftest import REPO
 
 N = 4000
@@ -88,8 +90,8 @@ def test_local_ray_listens_on_loopback_only_with_a_private_folder(loaded, target
 
 def test_actor_arguments_carry_no_password(tmp_path):
     target = db.Target("host=db.example port=5432 dbname=x user=u password=s3cr:t@%", private=False)
-    env = ray_runner.worker_env(target, tmp_path)
-    args = ray_runner.actor_args("torch", None, 1, target, env)
+    env = ray_worker.worker_env(target, tmp_path)
+    args = ray_worker.actor_args("torch", None, 1, target, env)
     assert b"s3cr" not in pickle.dumps(args)
     pgpass = tmp_path / "pgpass"
     assert stat.S_IMODE(pgpass.stat().st_mode) == 0o600 and env["PGPASSFILE"] == str(pgpass)
@@ -97,12 +99,12 @@ def test_actor_arguments_carry_no_password(tmp_path):
 
 
 def test_remote_ray_gets_no_password_from_the_dsn():
-    from cnnsql.errors import CnnsqlError
+    from cnnsql.core.errors import CnnsqlError
 
     target = db.Target("host=db.example dbname=x user=u password=pw", private=False)
     with pytest.raises(CnnsqlError, match="PGPASSFILE or PGPASSWORD on every Ray node"):
-        ray_runner.worker_env(target, None)
-    assert ray_runner.worker_env(db.Target("host=db.example dbname=x user=u", private=False), None) == \
+        ray_worker.worker_env(target, None)
+    assert ray_worker.worker_env(db.Target("host=db.example dbname=x user=u", private=False), None) == \
         {"OMP_NUM_THREADS": "1"}
 
 

@@ -3,7 +3,7 @@ token authentication and their own temp folders, PostgreSQL reached over TCP, `c
 --address ...` against it. Ray's GCS actor table shows that the work ran on both nodes; every image is
 predicted exactly once; killing the second node mid-run ends complete (retried on the head) or fails clearly.
 
-The nodes come from cnnsql/ray_nodes.py; only their processes are stopped, by pid.
+The nodes come from cnnsql/placements/ray_nodes.py; only their processes are stopped, by pid.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cnnsql.ray_nodes import LoopbackCluster
+from cnnsql.placements.ray_nodes import LoopbackCluster
 from conftest import REPO
 
 N = 3000
@@ -42,7 +42,8 @@ def gcs_state(nodes: LoopbackCluster) -> dict:
 @pytest.fixture(scope="module")
 def cluster(loaded, target):
     """The two nodes, started once for this module (the kill test, last, ends the second one)."""
-    from cnnsql import config, db
+    from cnnsql.core import config
+    from cnnsql import db
 
     p = db.private_cluster().tcp_conninfo(config.database_name())
     dsn = f"host={p['host']} port={p['port']} dbname={p['dbname']} user={p['user']}"  # TCP, no password

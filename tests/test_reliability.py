@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnsql import db
-from cnnsql import weights as W
+from cnnsql.models import weights as W
 from conftest import REPO, run_cli, server_subdir
 from test_bad_input import assert_clean_failure
 

@@ -13,7 +13,7 @@ from conftest import REPO, run_cli
 
 @pytest.fixture(scope="module")
 def weights_env(tmp_path_factory, loaded):
-    from cnnsql import weights as W
+    from cnnsql.models import weights as W
 
     path = tmp_path_factory.mktemp("sw") / "w.npz"
     W.save_weights(path, W.random_weights(11).arrays, {"trained_by": "random"})
@@ -85,7 +85,7 @@ def test_dsn_password_never_reaches_evadb_or_its_catalog(loaded, conn, weights_e
         cur.execute("GRANT SELECT ON cifar_test, cnnsql_bytes.cifar_test_bytes TO cnnsql_dsn_tester")
     conn.commit()
     home = tmp_path / "dsn-home"
-    script = ("import sys, pathlib\nfrom cnnsql import evadb_session\ncursor = evadb_session.connect()\n"
+    script = ("import sys, pathlib\nfrom cnnsql.placements import evadb_session\ncursor = evadb_session.connect()\n"
               "print(len(evadb_session.run(cursor, 'SELECT id, TorchCNN(img).label FROM pg.cifar_test WHERE id < 3;')))\n"
               "files = [p for p in pathlib.Path(sys.argv[1]).rglob('*') if p.is_file() and p.name != 'pgpass']\n"
               "modes = {oct(p.stat().st_mode & 0o777) for p in pathlib.Path(sys.argv[1]).rglob('pgpass')}\n"

@@ -59,7 +59,7 @@ REFUSED = [
 
 @pytest.fixture(scope="module")
 def session(loaded, random_weights_file):
-    from cnnsql import evadb_session
+    from cnnsql.placements import evadb_session
 
     return evadb_session.connect(weights=random_weights_file, threads=2)
 
@@ -89,7 +89,7 @@ def normalised(df: pd.DataFrame, ordered: bool) -> list[tuple]:
 
 @pytest.mark.parametrize("query,ordered", PLAIN, ids=[q for q, _ in PLAIN])
 def test_query_equals_psql(session, pg, query, ordered):
-    from cnnsql import evadb_session
+    from cnnsql.placements import evadb_session
 
     mine = evadb_session.run(session, query)
     theirs = psql_frame(pg, query)
@@ -100,8 +100,8 @@ def test_query_equals_psql(session, pg, query, ordered):
 
 @pytest.mark.parametrize("query,message", REFUSED, ids=[q for q, _ in REFUSED])
 def test_unsupported_query_fails_with_one_clear_line(session, query, message):
-    from cnnsql import evadb_session
-    from cnnsql.errors import CnnsqlError
+    from cnnsql.placements import evadb_session
+    from cnnsql.core.errors import CnnsqlError
 
     with pytest.raises(CnnsqlError) as info:
         evadb_session.run(session, query)
@@ -111,7 +111,8 @@ def test_unsupported_query_fails_with_one_clear_line(session, query, message):
 @pytest.fixture(scope="module")
 def raw_labels(pg, random_weights_file):
     """The raw engine's labels for the first 60 test images."""
-    from cnnsql import data, evadb_function
+    from cnnsql.data import cifar_table as data
+    from cnnsql.placements import evadb_function
 
     ids, images, _ = data.fetch_split(pg, "test")
     engine = evadb_function.cached_engine("torch", str(random_weights_file), "cpu", 2)
@@ -119,7 +120,7 @@ def raw_labels(pg, random_weights_file):
 
 
 def test_predicates_and_aggregates_on_function_output(session, raw_labels):
-    from cnnsql import evadb_session
+    from cnnsql.placements import evadb_session
 
     common = int(np.bincount(raw_labels[:50]).argmax())
     out = evadb_session.run(session, "SELECT id, TorchCNN(img).label FROM pg.cifar_test WHERE id < 60;")
@@ -140,8 +141,8 @@ def test_predicates_and_aggregates_on_function_output(session, raw_labels):
 
 def test_one_image_query_reads_one_row_in_postgresql(session, pg):
     """Proof from PostgreSQL's own statistics: the query fetches one heap row, scans nothing."""
-    from cnnsql import evadb_session
-    from cnnsql.evadb_patch import handler
+    from cnnsql.placements import evadb_session
+    from cnnsql.placements.evadb_patch import handler
 
     def counters():
         with pg.cursor() as cur:
@@ -167,8 +168,8 @@ def test_one_image_query_reads_one_row_in_postgresql(session, pg):
 
 
 def test_limit_reaches_postgresql_and_streaming_stops_after_the_first_chunk(session):
-    from cnnsql import evadb_session
-    from cnnsql.evadb_patch import handler
+    from cnnsql.placements import evadb_session
+    from cnnsql.placements.evadb_patch import handler
 
     before = dict(handler.STATS)
     out = evadb_session.run(session, "SELECT id, label FROM pg.cifar_test LIMIT 1;")
@@ -183,8 +184,8 @@ def test_limit_reaches_postgresql_and_streaming_stops_after_the_first_chunk(sess
 
 
 def test_columns_not_used_are_not_read(session):
-    from cnnsql import evadb_session
-    from cnnsql.evadb_patch import handler
+    from cnnsql.placements import evadb_session
+    from cnnsql.placements.evadb_patch import handler
 
     evadb_session.run(session, "SELECT COUNT(*) FROM pg.cifar_test WHERE label = 2;")
     assert handler.STATS["queries"][-1].startswith('SELECT "id", "label" FROM "cifar_test"')
@@ -193,7 +194,8 @@ def test_columns_not_used_are_not_read(session):
 STOCK_SCRIPT = """
 import json, sys, warnings
 warnings.filterwarnings("ignore")
-from cnnsql import db, evadb_session, evadb_patch
+from cnnsql import db
+from cnnsql.placements import evadb_session, evadb_patch
 evadb_patch.install = lambda: False            # stock EvaDB: nothing patched
 cursor = evadb_session.connect(weights=sys.argv[1])
 out = {}
@@ -212,7 +214,7 @@ SAME_AS_STOCK = ["SELECT id, label FROM pg.cifar_test WHERE id < 10;",
 
 
 def test_results_identical_with_and_without_the_patches(session, random_weights_file):
-    from cnnsql import evadb_session
+    from cnnsql.placements import evadb_session
 
     proc = subprocess.run([sys.executable, "-c", STOCK_SCRIPT, str(random_weights_file)], cwd=REPO,
                           input=json.dumps(SAME_AS_STOCK), capture_output=True, text=True, timeout=600,
@@ -228,7 +230,7 @@ def test_results_identical_with_and_without_the_patches(session, random_weights_
 def test_version_guard_installs_nothing_on_another_evadb(monkeypatch):
     import evadb
 
-    from cnnsql import evadb_patch
+    from cnnsql.placements import evadb_patch
 
     monkeypatch.setattr(evadb_patch, "_state", {"installed": False, "checked": None})
     monkeypatch.setattr(evadb, "__version__", "0.3.10", raising=False)
@@ -242,15 +244,15 @@ def test_version_guard_installs_nothing_on_another_evadb(monkeypatch):
 
 
 def test_version_guard_sees_a_changed_function(monkeypatch):
-    from cnnsql import evadb_patch
+    from cnnsql.placements import evadb_patch
 
     monkeypatch.setitem(evadb_patch.STOCK_SOURCES, "evadb.server.command_handler:execute_statement", "0" * 16)
     assert "evadb.server.command_handler:execute_statement changed" in evadb_patch.mismatches()
 
 
 def test_cnn_functions_read_bytes_and_selected_images_stay_base64(session, pg):
-    from cnnsql import evadb_session
-    from cnnsql.evadb_patch import handler
+    from cnnsql.placements import evadb_session
+    from cnnsql.placements.evadb_patch import handler
 
     evadb_session.run(session, "SELECT id, TorchCNN(img).label FROM pg.cifar_test WHERE id < 3;")
     assert '"cnnsql_bytes"."cifar_test_bytes"' in handler.STATS["queries"][-1]
@@ -260,8 +262,8 @@ def test_cnn_functions_read_bytes_and_selected_images_stay_base64(session, pg):
 
 
 def test_a_reused_connection_the_server_ended_is_not_used(session, pg):
-    from cnnsql import evadb_session
-    from cnnsql.evadb_patch import handler
+    from cnnsql.placements import evadb_session
+    from cnnsql.placements.evadb_patch import handler
 
     evadb_session.run(session, "SELECT id FROM pg.cifar_test WHERE id < 2;")
     with pg.cursor() as cur:  # end every idle backend of this database but ours, as a restart would
@@ -277,7 +279,7 @@ def test_a_reused_connection_the_server_ended_is_not_used(session, pg):
 def test_read_ahead_yields_in_order_and_stops_its_thread_when_the_caller_stops():
     import threading
 
-    from cnnsql.evadb_patch.transport import read_ahead
+    from cnnsql.placements.evadb_patch.transport import read_ahead
 
     closed = []
 
@@ -297,7 +299,7 @@ def test_read_ahead_yields_in_order_and_stops_its_thread_when_the_caller_stops()
 
 
 def test_read_ahead_raises_the_producer_error_in_the_caller():
-    from cnnsql.evadb_patch.transport import read_ahead
+    from cnnsql.placements.evadb_patch.transport import read_ahead
 
     def failing():
         yield 1
@@ -312,8 +314,8 @@ def test_read_ahead_raises_the_producer_error_in_the_caller():
 def test_a_multi_chunk_read_ends_its_transaction_and_returns_the_connection(session, pg):
     """A whole-split read (several chunks, fetched ahead by a thread) leaves no open transaction
     behind: the pooled connection is idle, not 'idle in transaction' holding a lock on the table."""
-    from cnnsql import evadb_session
-    from cnnsql.evadb_patch import handler
+    from cnnsql.placements import evadb_session
+    from cnnsql.placements.evadb_patch import handler
 
     before = dict(handler.STATS)
     out = evadb_session.run(session, "SELECT id, label FROM pg.cifar_test;")
@@ -331,7 +333,7 @@ def test_binary_copy_parser_matches_psycopg2_on_real_copy_data_in_any_pieces(loa
     import io
     import random
 
-    from cnnsql.evadb_patch.transport import BinaryCopyParser
+    from cnnsql.placements.evadb_patch.transport import BinaryCopyParser
 
     query = ("SELECT id, label::int2, (id * 1000000000000)::int8, id / 7.0::float8, label > 4, "
              "CASE WHEN id % 3 = 0 THEN NULL ELSE 'row ' || id || ' é' END, img "
@@ -351,9 +353,10 @@ def test_binary_copy_parser_matches_psycopg2_on_real_copy_data_in_any_pieces(loa
 
 
 def test_whole_reads_go_by_binary_copy_and_a_stopped_copy_leaves_the_connection_usable(session, target, raw_labels):
-    from cnnsql import db, evadb_session
-    from cnnsql.evadb_patch import handler
-    from cnnsql.evadb_patch.transport import copy_rows
+    from cnnsql import db
+    from cnnsql.placements import evadb_session
+    from cnnsql.placements.evadb_patch import handler
+    from cnnsql.placements.evadb_patch.transport import copy_rows
     from psycopg2 import sql as psql
 
     before = handler.STATS["copies"]

@@ -7,7 +7,8 @@ import resource
 import numpy as np
 import pytest
 
-from cnnsql import cifar, synthetic
+from cnnsql.data import cifar
+from cnnsql.data import synthetic
 
 
 def test_streamed_rows_equal_the_archive(tmp_path):

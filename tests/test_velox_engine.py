@@ -12,8 +12,8 @@ import pytest
 from cnnsql.engines import get_engine
 from cnnsql.engines import velox_plan as vp
 from cnnsql.engines import velox_runtime
-from cnnsql.errors import CnnsqlError
-from cnnsql.weights import random_weights, reference_forward
+from cnnsql.core.errors import CnnsqlError
+from cnnsql.models.weights import random_weights, reference_forward
 
 pytestmark = pytest.mark.integration  # Velox plans and the frameworks in subprocesses
 
@@ -145,7 +145,7 @@ if sys.argv[1] == "pyvelox-after-tf":
     import pyvelox.runner  # noqa: F401  (loaded by other code after TensorFlow, without cnnsql's loader)
 import numpy as np
 from cnnsql.engines import get_engine
-from cnnsql.weights import random_weights, reference_forward
+from cnnsql.models.weights import random_weights, reference_forward
 w = random_weights(23)
 images = np.random.default_rng(23).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
 engine = get_engine("velox", w, threads=2)
@@ -174,7 +174,7 @@ def test_velox_is_cpu_only():
 
 
 def test_bench_sizes_come_from_the_engine_class():
-    from cnnsql.bench import BenchConfig
+    from cnnsql.bench.harness import BenchConfig
 
     assert BenchConfig().n_images("velox", 10_000) == 1000 and BenchConfig().n_images("torch", 10_000) == 10_000
     assert BenchConfig(sample=4, limit=300).n_images("velox", 10_000) == 4
@@ -186,7 +186,7 @@ def test_bench_sizes_come_from_the_engine_class():
 def test_bench_repetitions_default_per_engine():
     """Velox declares 2 timed passes per offline phase and 1 in PostgreSQL (the 15-minute budget);
     --repetitions overrides both."""
-    from cnnsql.bench import BenchConfig
+    from cnnsql.bench.harness import BenchConfig
     assert BenchConfig().reps("velox") == 2 and BenchConfig().reps("torch") == 3 and BenchConfig().reps() == 3
     assert BenchConfig().reps("velox", indb=True) == 1 and BenchConfig().reps("torch", indb=True) == 3
     assert BenchConfig(repetitions=5).reps("velox") == 5 and BenchConfig(repetitions=1).reps("torch") == 1

@@ -1,6 +1,6 @@
 """The Velox plan generator (cnnsql/engines/velox_layers.py) on every built-in model and on a model
 using every layer kind: top-1 100% and probabilities within 1e-4 of the independent NumPy reference
-(cnnsql/reference.py), random weights, 1 and 2 drivers, batch edges (1 image, 7 images, more
+(cnnsql/models/reference.py), random weights, 1 and 2 drivers, batch edges (1 image, 7 images, more
 images than the 16 tickets)."""
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cnnsql import model_spec as M
-from cnnsql import weights as W
-from cnnsql.engines import get_engine, velox_layers
+from cnnsql.models import model_spec as M
+from cnnsql.models import weights as W
+from cnnsql.engines import get_engine
+from cnnsql.engines import velox_layers
 from cnnsql.engines.velox_engine import check_model
-from cnnsql.errors import CnnsqlError
+from cnnsql.core.errors import CnnsqlError
 
 from test_model_spec import ODD
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import CnnsqlError
-from ..weights import Weights
-from .base import Engine
+from cnnsql.core.errors import CnnsqlError
+from cnnsql.models.weights import Weights
+from cnnsql.engines.base import Engine
 
 ENGINES = {
     "torch": "cnnsql.engines.torch_engine:TorchEngine",

@@ -9,8 +9,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import CnnsqlError
-from ..weights import Weights
+from cnnsql.core.errors import CnnsqlError
+from cnnsql.models.weights import Weights
 
 
 @functools.cache

@@ -10,11 +10,11 @@ import sys
 
 import numpy as np
 
-from ..errors import CnnsqlError
-from ..model_spec import STUDY, ModelSpec
-from ..weights import Weights
-from .base import Engine
-from .torch_engine import DEFAULT_CHUNK  # torch itself is imported lazily
+from cnnsql.core.errors import CnnsqlError
+from cnnsql.models.model_spec import STUDY, ModelSpec
+from cnnsql.models.weights import Weights
+from cnnsql.engines.base import Engine
+from cnnsql.engines.torch_engine import DEFAULT_CHUNK  # torch itself is imported lazily
 
 # Measured on 2 Sapphire Rapids cores (benchmarks/raw_speed.py): without XLA, TF runs its oneDNN
 # kernels (~3,500 images/s at batch 64); XLA's CPU convolutions reach only ~1,500.

@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 
-from ..errors import CnnsqlError
-from ..model_spec import STUDY, ModelSpec, conv_padding
-from ..weights import Weights
-from .base import Engine
+from cnnsql.core.errors import CnnsqlError
+from cnnsql.models.model_spec import STUDY, ModelSpec, conv_padding
+from cnnsql.models.weights import Weights
+from cnnsql.engines.base import Engine
 
 # Measured on 2 Sapphire Rapids cores (benchmarks/raw_speed.py): channels_last is ~40% faster than
 # eager NCHW; "compile" (torch.compile/inductor) is within ~5% of it but costs seconds of compiling

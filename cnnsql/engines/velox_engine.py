@@ -20,13 +20,13 @@ import re
 
 import numpy as np
 
-from ..errors import CnnsqlError
-from ..model_spec import STUDY
-from ..weights import Weights
-from . import velox_layers as vl
-from . import velox_plan as vp
-from . import velox_runtime
-from .base import Engine, check_images
+from cnnsql.core.errors import CnnsqlError
+from cnnsql.models.model_spec import STUDY
+from cnnsql.models.weights import Weights
+from cnnsql.engines import velox_layers as vl
+from cnnsql.engines import velox_plan as vp
+from cnnsql.engines import velox_runtime
+from cnnsql.engines.base import Engine, check_images
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..model_spec import ModelSpec, conv_padding
+from cnnsql.models.model_spec import ModelSpec, conv_padding
 
 R0 = "REAL '0.0'"
 GENERATED = ("conv2d", "relu", "maxpool", "avgpool", "batchnorm", "flatten", "dense", "dropout", "softmax")
@@ -164,7 +164,7 @@ def winograd_op(k: int, layer, shape, conv_shape, wt: np.ndarray, bias: np.ndarr
     """conv2d + 2x2 max-pool as Winograd F(4,3) (the study's conv2 form, velox_plan.py, for any size):
     36 components of T tiles x F filters x C channels multiply-adds instead of 16 T x 9 F C; output
     the pooled map (F, OH/2, OW/2) as flat HWC."""
-    from .velox_plan import AT, BT, G, lincomb
+    from cnnsql.engines.velox_plan import AT, BT, G, lincomb
     c, h, w = shape
     f, oh, ow = conv_shape
     top, bottom, left, right = conv_padding(layer, h, w)
@@ -248,7 +248,7 @@ def weight_columns(ops: list[Op]) -> dict[str, np.ndarray]:
 
 def ticket_batch(pa, ops: list[Op], slot: int):
     """One ticket row: slot (BIGINT) and every weight column (REAL arrays, 2-D as arrays of arrays)."""
-    from .velox_plan import list_array
+    from cnnsql.engines.velox_plan import list_array
 
     cols = {"slot": pa.array([slot], pa.int64())}
     for name, arr in weight_columns(ops).items():

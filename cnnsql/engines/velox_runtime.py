@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..errors import CnnsqlError
+from cnnsql.core.errors import CnnsqlError
 
 
 @functools.cache

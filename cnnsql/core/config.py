@@ -1,0 +1,39 @@
+"""Settings from the environment. Nothing here prints or logs credentials."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# libpq variables that mean "the user chose a server": then we use libpq's own resolution.
+LIBPQ_VARS = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGSERVICEFILE")
+
+
+# The installed tree: the package, and the project folder that holds it beside sql/ and evadb_udfs/
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = PACKAGE_DIR.parent
+SQL_DIR = PROJECT_DIR / "sql"              # the schema a psql user reads; db.ensure_schema runs it
+UDF_DIR = PROJECT_DIR / "evadb_udfs"       # what EvaDB loads its functions from
+
+
+def state_dir() -> Path:
+    """Project state (private cluster, downloads, EvaDB catalog, weights): $CNNSQL_HOME or ./.cnnsql."""
+    return Path(os.environ.get("CNNSQL_HOME") or Path.cwd() / ".cnnsql").absolute()
+
+
+def database_name() -> str:
+    """Database created in the private cluster: $CNNSQL_DB or 'cnnsql'."""
+    return os.environ.get("CNNSQL_DB") or "cnnsql"
+
+
+def external_dsn() -> str | None:
+    """The user's server: $CNNSQL_DSN, or '' (libpq defaults) when PG* variables are set, else None."""
+    dsn = os.environ.get("CNNSQL_DSN")
+    if dsn:
+        return dsn
+    if any(os.environ.get(v) for v in LIBPQ_VARS):
+        return ""
+    return None
+
+
+def default_weights_dir() -> Path:
+    return state_dir() / "weights"

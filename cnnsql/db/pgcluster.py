@@ -1,0 +1,341 @@
+"""A private PostgreSQL 15 cluster under the state directory, owner-only files.
+
+initdb refuses to run as root, so as root the server runs as the unprivileged `postgres`
+user (or `nobody`) through setpriv; as a normal user it runs as that user.
+Access: the Unix socket (directory mode 0700, so only its owner and root) with trust auth,
+and loopback TCP (127.0.0.1 only), needed by EvaDB's SQLAlchemy URI, with a scram password
+that is generated at init and kept in a 0600 pgpass file (libpq reads it via PGPASSFILE).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from cnnsql.core.errors import CnnsqlError
+
+PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin",)
+SUPERUSER = "cnnsql"
+SETTINGS = {
+    "listen_addresses": "'127.0.0.1'",
+    "unix_socket_permissions": "0700",
+    "wal_level": "minimal",          # lets COPY into a table truncated in the same transaction skip WAL
+    "max_wal_senders": "0",
+    "shared_buffers": "256MB",
+    "max_wal_size": "2GB",
+    "logging_collector": "off",
+}
+
+HBA = ("# socket: directory mode 0700, owner only. TCP: loopback only, password in pgpass (0600). Never trust on TCP.\n"
+       "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+
+
+def _valid_port(text: str, where: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1024 <= port <= 65535:
+        raise CnnsqlError(f"{where}: {text!r} is not a TCP port in 1024-65535", "give a free port number such as 54320")
+    return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def pg_bin(tool: str) -> str:
+    env = os.environ.get("CNNSQL_PG_BIN")
+    for d in ([env] if env else []) + list(PG_BIN_CANDIDATES):
+        path = Path(d) / tool
+        if path.is_file():
+            return str(path)
+    found = shutil.which(tool)
+    if found:
+        return found
+    raise CnnsqlError(
+        f"PostgreSQL server program {tool!r} not found",
+        "install PostgreSQL 15 (Debian: apt-get install postgresql-15), set CNNSQL_PG_BIN, or point CNNSQL_DSN at a server",
+    )
+
+
+class PrivateCluster:
+    def __init__(self, home: Path):
+        self.root = Path(home) / "pg"
+        self.data = self.root / "data"
+        self.socket_dir = self.root / "run"
+        self.logfile = self.root / "postgres.log"
+        self.pgpass = self.root / "pgpass"
+        self.port_file = self.root / "port"
+        self.run_as = self._run_as_user()
+
+    @staticmethod
+    def _run_as_user() -> pwd.struct_passwd | None:
+        if os.geteuid() != 0:
+            return None
+        for name in ("postgres", "nobody"):
+            try:
+                return pwd.getpwnam(name)
+            except KeyError:
+                continue
+        raise CnnsqlError("running as root but no 'postgres' or 'nobody' user exists to own the cluster",
+                          "create a 'postgres' user or set CNNSQL_DSN")
+
+    def _cmd(self, *args: str) -> list[str]:
+        if self.run_as is None:
+            return list(args)
+        u = self.run_as
+        return ["setpriv", f"--reuid={u.pw_uid}", f"--regid={u.pw_gid}", "--clear-groups", "--", *args]
+
+    def _run(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        for var in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGPASSWORD"):
+            env.pop(var, None)
+        proc = subprocess.run(self._cmd(*args), capture_output=True, text=True, env=env, cwd="/", input=input)
+        if check and proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise CnnsqlError(
+                f"{Path(args[0]).name} failed: {detail[-1] if detail else 'exit ' + str(proc.returncode)}",
+                f"see {self.logfile}",
+            )
+        return proc
+
+    def _own(self, path: Path, mode: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, mode)
+        if self.run_as is not None:
+            os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
+
+    @property
+    def exists(self) -> bool:
+        """initdb has written a data directory (complete or not)."""
+        return (self.data / "PG_VERSION").is_file()
+
+    @property
+    def initialized(self) -> bool:
+        """Set-up finished: password, loopback-only TCP, pgpass. Written last, so never true half-way."""
+        return self.exists and self.marker.is_file()
+
+    @property
+    def marker(self) -> Path:
+        return self.root / "initialized"
+
+    @property
+    def port(self) -> int:
+        try:
+            return _valid_port(self.port_file.read_text().strip(), str(self.port_file))
+        except OSError:
+            raise CnnsqlError(f"the private cluster has no port file {self.port_file}",
+                              "run `cnnsql db start`") from None
+
+    def _choose_port(self) -> int:
+        """CNNSQL_PG_PORT (validated, must be free), else the cluster's own port, else the first free one."""
+        wanted = os.environ.get("CNNSQL_PG_PORT")
+        if wanted:
+            port = _valid_port(wanted, "CNNSQL_PG_PORT")
+            if port != self._current_port() and not _port_free(port):
+                raise CnnsqlError(f"CNNSQL_PG_PORT={port} is in use by another program",
+                                  "choose a free port or unset CNNSQL_PG_PORT")
+            return port
+        current = self._current_port()
+        if current:
+            return current
+        for port in range(54320, 54420):
+            if _port_free(port):
+                return port
+        raise CnnsqlError("no free TCP port in 54320-54419 for the private cluster", "set CNNSQL_PG_PORT")
+
+    def _current_port(self) -> int | None:
+        try:
+            return _valid_port(self.port_file.read_text().strip(), str(self.port_file))
+        except (OSError, CnnsqlError):
+            return None
+
+    def _check_socket_path(self) -> None:
+        if len(str(self.socket_dir / ".s.PGSQL.54320")) > 100:
+            raise CnnsqlError(f"socket path under {self.socket_dir} is too long for a Unix socket",
+                              "set CNNSQL_HOME to a shorter path")
+
+    def _preflight(self) -> int:
+        """Everything that can fail before initdb: binaries, paths, folders, the port."""
+        for tool in ("initdb", "postgres", "pg_ctl"):
+            pg_bin(tool)
+        self._check_socket_path()
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755 if self.run_as else 0o700)
+        self._own(self.data, 0o700)
+        self._own(self.socket_dir, 0o700)
+        if self.run_as is not None and self._run("test", "-w", str(self.data), check=False).returncode != 0:
+            raise CnnsqlError(f"user {self.run_as.pw_name!r} cannot reach {self.data} (a parent directory is private)",
+                              "set CNNSQL_HOME to a directory other users can traverse, e.g. /var/tmp/cnnsql")
+        return self._choose_port()
+
+    def init(self) -> None:
+        """Create the cluster, or repair one whose set-up was interrupted. TCP never has trust auth:
+        initdb itself writes scram-sha-256 for host lines and sets the password (--pwfile)."""
+        if self.initialized:
+            return
+        port = self._preflight()
+        password = secrets.token_urlsafe(24)
+        if self.exists:
+            print(f"cnnsql: repairing the private cluster at {self.data}: its set-up is not marked complete",
+                  file=sys.stderr)
+            self._stop_half_made()
+            self._write_hba()
+            self._set_password(password)
+        else:
+            if any(self.data.iterdir()):  # an initdb killed before PG_VERSION: nothing in it yet
+                shutil.rmtree(self.data)
+                self._own(self.data, 0o700)
+            self._initdb(password)
+            self._write_hba()
+        self._configure_port(port, password)
+        self.marker.write_text("set-up complete: scram-sha-256 on 127.0.0.1, password in pgpass\n")
+
+    def _initdb(self, password: str) -> None:
+        pwfile = self.root / "initdb.pw"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        if self.run_as is not None:
+            os.chown(pwfile, self.run_as.pw_uid, self.run_as.pw_gid)
+        try:
+            self._run(pg_bin("initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth-local=trust",
+                      "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-instructions")
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def _write_hba(self) -> None:
+        (self.data / "pg_hba.conf").write_text(HBA)
+
+    def _set_password(self, password: str) -> None:
+        proc = self._run(pg_bin("postgres"), "--single", "-D", str(self.data), "postgres", check=False,
+                         input=f"ALTER ROLE {SUPERUSER} PASSWORD '{password}';\n")
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise CnnsqlError(f"the private cluster at {self.data} is half-made and cannot be repaired: "
+                              f"{detail[-1] if detail else 'exit ' + str(proc.returncode)}",
+                              f"delete {self.root} and run `cnnsql db start` again (its set-up never finished)")
+
+    def _stop_half_made(self) -> None:
+        self._clear_stale_pid()  # else pg_ctl would signal whatever process owns that PID now
+        if self._run(pg_bin("pg_ctl"), "-D", str(self.data), "status", check=False).returncode == 0:
+            self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-m", "fast", "stop", check=False)
+
+    def _configure_port(self, port: int, password: str | None = None) -> None:
+        """Listen on 127.0.0.1:port (appended settings win over earlier ones); pgpass and port file follow."""
+        conf = "\n".join(f"{k} = {v}" for k, v in SETTINGS.items())
+        conf += f"\nunix_socket_directories = '{self.socket_dir}'\nport = {port}\n"
+        with open(self.data / "postgresql.conf", "a") as f:
+            f.write("\n# cnnsql private cluster\n" + conf)
+        password = password or self.pgpass.read_text().splitlines()[0].rsplit(":", 1)[1]
+        fd = os.open(self.pgpass, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"127.0.0.1:{port}:*:{SUPERUSER}:{password}\nlocalhost:{port}:*:{SUPERUSER}:{password}\n")
+        self.port_file.write_text(str(port))
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def _clear_stale_pid(self) -> None:
+        """A postmaster.pid whose PID is now another program's: pg_ctl would call the cluster running."""
+        pid = self._postmaster_pid()
+        if pid is None:
+            return
+        try:
+            proc = psutil.Process(pid)
+            ours = proc.name() == "postgres" and str(self.data) in proc.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            ours = False
+        if not ours:
+            (self.data / "postmaster.pid").unlink(missing_ok=True)
+            print(f"cnnsql: removed a stale postmaster.pid (PID {pid} is not this cluster's server)",
+                  file=sys.stderr)
+
+    def status(self) -> bool:
+        if not self.exists:
+            return False
+        self._clear_stale_pid()
+        return self._run(pg_bin("pg_ctl"), "-D", str(self.data), "status", check=False).returncode == 0
+
+    def start(self) -> None:
+        self.init()
+        if self.status():
+            return
+        wanted = os.environ.get("CNNSQL_PG_PORT")
+        if wanted and _valid_port(wanted, "CNNSQL_PG_PORT") != self.port:
+            self._configure_port(self._choose_port())
+        self._own(self.socket_dir, 0o700)
+        if not self.logfile.exists():
+            self.logfile.touch(mode=0o600)
+        if self.run_as is not None:
+            os.chown(self.logfile, self.run_as.pw_uid, self.run_as.pw_gid)
+        offset = self.logfile.stat().st_size
+        proc = self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60",
+                         "start", check=False)
+        if proc.returncode != 0 and not self.status():
+            raise CnnsqlError(f"private PostgreSQL did not start: {self._log_cause(offset) or proc.stderr.strip()}",
+                              self._start_hint(offset))
+        self._wait_ready()
+
+    def _new_log_lines(self, offset: int) -> list[str]:
+        try:
+            with open(self.logfile, "rb") as f:
+                f.seek(offset)
+                text = f.read(1 << 20).decode(errors="replace")
+        except OSError:
+            return []
+        return [re.sub(r"^\S+ \S+ \S+ \[\d+\] ", "", l).strip() for l in text.splitlines() if l.strip()]
+
+    def _log_cause(self, offset: int) -> str:
+        """The server log line that names the cause, not the last one ('database system is shut down')."""
+        lines = self._new_log_lines(offset)
+        for key in ("could not bind", "FATAL", "PANIC", "ERROR"):
+            for line in lines:
+                if key in line:
+                    return line
+        return lines[-1] if lines else ""
+
+    def _start_hint(self, offset: int) -> str:
+        if any("could not bind" in l or "Address already in use" in l for l in self._new_log_lines(offset)):
+            return f"port {self.port} is taken by another program: set CNNSQL_PG_PORT to a free port"
+        return f"see {self.logfile}"
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._run(pg_bin("pg_isready"), "-q", "-h", str(self.socket_dir), "-p", str(self.port),
+                         check=False).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise CnnsqlError("private PostgreSQL started but does not accept connections", f"see {self.logfile}")
+
+    def stop(self) -> bool:
+        if not self.status():
+            return False
+        self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-m", "fast", "stop")
+        return True
+
+    def conninfo(self, dbname: str) -> dict:
+        return {"host": str(self.socket_dir), "port": str(self.port), "user": SUPERUSER, "dbname": dbname}
+
+    def tcp_conninfo(self, dbname: str) -> dict:
+        """Loopback connection; the password comes from the pgpass file (set PGPASSFILE)."""
+        return {"host": "127.0.0.1", "port": str(self.port), "user": SUPERUSER, "dbname": dbname}

@@ -1,0 +1,464 @@
+"""A small, versioned description of a sequential CNN: what every engine builds and every weights file records.
+
+Format (version 1), stored as JSON under the weights manifest's "model" key:
+
+    {"format": "cnnsql-model", "version": 1, "name": "study",
+     "input": [channels, height, width],          # uint8 images, channel-major, scaled by 1/255
+     "layers": [{"kind": "conv2d", "name": "conv1", "filters": 64, "kernel": 3, "stride": 1, "padding": "valid"},
+                {"kind": "relu"}, ...]}
+
+Layer kinds and their fields (defaults in brackets):
+    conv2d     name, filters, kernel (square), stride [1] (1 or 2), padding ["valid"] ("valid" or "same")
+    relu
+    maxpool    kernel, stride [= kernel]; no padding, floor division (PyTorch and Keras "valid" agree)
+    avgpool    kernel, stride [= kernel]; as maxpool
+    batchnorm  name, eps [1e-5]; inference form y = (x - mean) / sqrt(var + eps) * gamma + beta,
+               over channels (after conv) or features (after dense)
+    flatten    (channel, row, column) order, as PyTorch's flatten of NCHW
+    dense      name, units
+    dropout    rate [0.5]; the identity at inference
+    softmax    must be the last layer, and the last layer must be softmax
+
+"same" padding follows TensorFlow: output = ceil(input / stride); total padding
+max((output - 1) * stride + kernel - input, 0), the smaller half before (top/left), the rest after.
+
+Parameters, named "<layer name>.<param>" in PyTorch layouts:
+    conv2d     weight (out, in, k, k), bias (out,)
+    dense      weight (out, in), bias (out,); after flatten, `in` is ordered (c, h, w)
+    batchnorm  weight (C,) = gamma, bias (C,) = beta, running_mean (C,), running_var (C,)
+
+The study's CNN (`STUDY`) has the layer names conv1, conv2, fc1, fc2, so the eight arrays of every
+weights file written before this description existed are exactly its parameters.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from cnnsql.core.errors import CnnsqlError
+
+FORMAT = "cnnsql-model"
+VERSION = 1
+KINDS = ("conv2d", "relu", "maxpool", "avgpool", "batchnorm", "flatten", "dense", "dropout", "softmax")
+PADDINGS = ("valid", "same")
+MAX_LAYERS = 64
+MAX_PARAMS = 64 << 20        # 64 M floats (256 MB float32), the weights file's own limit
+MAX_DIM = 4096               # input height/width and any layer width
+MAX_CHANNELS = 16            # input channels
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer. Fields a kind does not use stay None (and are left out of its JSON)."""
+
+    kind: str
+    name: str | None = None
+    filters: int | None = None      # conv2d
+    kernel: int | None = None       # conv2d, maxpool, avgpool
+    stride: int | None = None       # conv2d [1], maxpool/avgpool [= kernel]
+    padding: str | None = None      # conv2d ["valid"]
+    units: int | None = None        # dense
+    eps: float | None = None        # batchnorm [1e-5]
+    rate: float | None = None       # dropout [0.5]
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @property
+    def params(self) -> bool:
+        return self.kind in ("conv2d", "dense", "batchnorm")
+
+
+def conv2d(name: str, filters: int, kernel: int, stride: int = 1, padding: str = "valid") -> Layer:
+    return Layer("conv2d", name=name, filters=filters, kernel=kernel, stride=stride, padding=padding)
+
+
+def dense(name: str, units: int) -> Layer:
+    return Layer("dense", name=name, units=units)
+
+
+def maxpool(kernel: int, stride: int | None = None) -> Layer:
+    return Layer("maxpool", kernel=kernel, stride=stride or kernel)
+
+
+def avgpool(kernel: int, stride: int | None = None) -> Layer:
+    return Layer("avgpool", kernel=kernel, stride=stride or kernel)
+
+
+def batchnorm(name: str, eps: float = 1e-5) -> Layer:
+    return Layer("batchnorm", name=name, eps=eps)
+
+
+def dropout(rate: float = 0.5) -> Layer:
+    return Layer("dropout", rate=rate)
+
+
+RELU, FLATTEN, SOFTMAX = Layer("relu"), Layer("flatten"), Layer("softmax")
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) zero padding of one spatial axis for "same" (TensorFlow's rule)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_padding(layer: Layer, h: int, w: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding of a conv2d layer on an h x w input."""
+    if layer.padding != "same":
+        return 0, 0, 0, 0
+    return (*same_padding(h, layer.kernel, layer.stride), *same_padding(w, layer.kernel, layer.stride))
+
+
+Shape = tuple[int, ...]  # (c, h, w) before flatten, (features,) after
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_shape: tuple[int, int, int]     # (channels, height, width)
+    layers: tuple[Layer, ...]
+    version: int = VERSION
+    _shapes: tuple = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(int(v) for v in self.input_shape))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "_shapes", tuple(_infer(self)))
+
+    # --- shapes -------------------------------------------------------------------------------
+    @property
+    def shapes(self) -> tuple[Shape, ...]:
+        """Output shape of each layer (without the batch axis), in layer order."""
+        return self._shapes
+
+    @property
+    def num_classes(self) -> int:
+        return self._shapes[-1][0]
+
+    @property
+    def input_size(self) -> int:
+        """Bytes of one uint8 image."""
+        c, h, w = self.input_shape
+        return c * h * w
+
+    def input_shapes(self) -> tuple[Shape, ...]:
+        """Input shape of each layer."""
+        return (self.input_shape, *self._shapes[:-1])
+
+    # --- parameters ---------------------------------------------------------------------------
+    def layer_params(self, index: int) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape of layer `index` (PyTorch layouts; empty for layers without)."""
+        layer, shape_in = self.layers[index], self.input_shapes()[index]
+        if layer.kind == "conv2d":
+            k = layer.kernel
+            return {f"{layer.name}.weight": (layer.filters, shape_in[0], k, k), f"{layer.name}.bias": (layer.filters,)}
+        if layer.kind == "dense":
+            return {f"{layer.name}.weight": (layer.units, shape_in[0]), f"{layer.name}.bias": (layer.units,)}
+        if layer.kind == "batchnorm":
+            c = (shape_in[0],)
+            return {f"{layer.name}.{p}": c for p in ("weight", "bias", "running_mean", "running_var")}
+        return {}
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter name -> shape, in layer order."""
+        out: dict[str, tuple[int, ...]] = {}
+        for i in range(len(self.layers)):
+            out.update(self.layer_params(i))
+        return out
+
+    def param_count(self) -> int:
+        return sum(math.prod(s) for s in self.param_shapes().values())
+
+    # --- names --------------------------------------------------------------------------------
+    def architecture(self) -> str:
+        """A one-line summary; for the study's CNN exactly the string older manifests carry."""
+        return "-".join(_summary(layer) for layer in self.layers)
+
+    def describe(self) -> list[str]:
+        """One line per layer: kind, fields, output shape, parameter count."""
+        lines = [f"{self.name} (cnnsql model v{self.version}): input {'x'.join(map(str, self.input_shape))}"]
+        for i, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
+            n = sum(math.prod(s) for s in self.layer_params(i).values())
+            lines.append(f"  {_summary(layer):<16} -> {'x'.join(map(str, shape)):<12} {n:>10,} params")
+        lines.append(f"  total {self.param_count():,} parameters, {self.num_classes} classes")
+        return lines
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": self.version, "name": self.name, "input": list(self.input_shape),
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def with_input(self, input_shape: tuple[int, int, int] | None = None, num_classes: int | None = None) -> "ModelSpec":
+        """The same layers for another image shape and/or class count (the last dense layer's units)."""
+        layers = list(self.layers)
+        if num_classes is not None:
+            last = max(i for i, layer in enumerate(layers) if layer.kind == "dense")
+            layers[last] = dense(layers[last].name, num_classes)
+        return ModelSpec(self.name, tuple(input_shape or self.input_shape), tuple(layers), self.version)
+
+
+def _summary(layer: Layer) -> str:
+    if layer.kind == "conv2d":
+        return (f"conv{layer.filters}k{layer.kernel}" + (f"s{layer.stride}" if layer.stride != 1 else "")
+                + ("same" if layer.padding == "same" else ""))
+    if layer.kind in ("maxpool", "avgpool"):
+        return f"{layer.kind}{layer.kernel}" + (f"s{layer.stride}" if layer.stride != layer.kernel else "")
+    if layer.kind == "dense":
+        return f"dense{layer.units}"
+    if layer.kind == "flatten":
+        return "flatten_chw"
+    if layer.kind == "batchnorm":
+        return "batchnorm"
+    if layer.kind == "dropout":
+        return f"dropout{layer.rate:g}"
+    return layer.kind
+
+
+def _bad(spec_name: str, problem: str, hint: str = "see README 'Model description'") -> CnnsqlError:
+    return CnnsqlError(f"model {spec_name!r}: {problem}", hint)
+
+
+def _positive(spec: ModelSpec, i: int, layer: Layer, field_name: str, limit: int = MAX_DIM) -> int:
+    v = getattr(layer, field_name)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+        raise _bad(spec.name, f"layer {i} ({layer.kind}) field {field_name!r} must be an integer 1..{limit}, got {v!r}")
+    return v
+
+
+def _infer(spec: ModelSpec) -> list[Shape]:
+    """Validate the description and return each layer's output shape. Raises CnnsqlError naming the layer."""
+    if not isinstance(spec.name, str) or not 0 < len(spec.name) <= 100:
+        raise _bad(str(spec.name)[:100], "name must be a string of 1..100 characters")
+    if spec.version != VERSION:
+        raise _bad(spec.name, f"description version {spec.version!r} is not supported (this cnnsql reads {VERSION})",
+                   "upgrade cnnsql or re-export the model")
+    if len(spec.input_shape) != 3:
+        raise _bad(spec.name, f"input must be [channels, height, width], got {list(spec.input_shape)}")
+    c, h, w = spec.input_shape
+    if not (1 <= c <= MAX_CHANNELS and 1 <= h <= MAX_DIM and 1 <= w <= MAX_DIM):
+        raise _bad(spec.name, f"input {c}x{h}x{w} is out of range (1..{MAX_CHANNELS} channels, 1..{MAX_DIM} pixels)")
+    if not 1 <= len(spec.layers) <= MAX_LAYERS:
+        raise _bad(spec.name, f"has {len(spec.layers)} layers (1..{MAX_LAYERS})")
+    if spec.layers[-1].kind != "softmax":
+        raise _bad(spec.name, "the last layer must be softmax", "append {\"kind\": \"softmax\"}")
+    names: set[str] = set()
+    shape: Shape = (c, h, w)
+    out: list[Shape] = []
+    params = 0
+    for i, layer in enumerate(spec.layers):
+        if not isinstance(layer, Layer) or layer.kind not in KINDS:
+            kind = getattr(layer, "kind", layer)
+            raise _bad(spec.name, f"layer {i} has unsupported kind {kind!r}", f"supported: {', '.join(KINDS)}")
+        if layer.params:
+            if not isinstance(layer.name, str) or not layer.name.isidentifier() or layer.name in names:
+                raise _bad(spec.name, f"layer {i} ({layer.kind}) needs a unique identifier name, got {layer.name!r}")
+            names.add(layer.name)
+        shape = _layer_shape(spec, i, layer, shape)
+        out.append(shape)
+        params += sum(math.prod(s) for s in _params_of(layer, out[-2] if i else spec.input_shape).values())
+        if params > MAX_PARAMS:
+            raise _bad(spec.name, f"has more than {MAX_PARAMS:,} parameters", "cnnsql runs small CNNs")
+    if len(shape) != 1:
+        raise _bad(spec.name, f"ends with a {'x'.join(map(str, shape))} map, not class scores",
+                   "add flatten and a dense layer before softmax")
+    if shape[0] < 2:
+        raise _bad(spec.name, "must have at least 2 classes")
+    return out
+
+
+def _params_of(layer: Layer, shape_in: Shape) -> dict[str, tuple[int, ...]]:
+    if layer.kind == "conv2d":
+        return {"w": (layer.filters, shape_in[0], layer.kernel, layer.kernel), "b": (layer.filters,)}
+    if layer.kind == "dense":
+        return {"w": (layer.units, shape_in[0]), "b": (layer.units,)}
+    if layer.kind == "batchnorm":
+        return {"p": (4, shape_in[0])}
+    return {}
+
+
+def _layer_shape(spec: ModelSpec, i: int, layer: Layer, shape: Shape) -> Shape:
+    kind = layer.kind
+    if kind in ("relu", "dropout", "batchnorm"):
+        if kind == "dropout" and not (isinstance(layer.rate, (int, float)) and 0 <= layer.rate < 1):
+            raise _bad(spec.name, f"layer {i} (dropout) rate must be in [0, 1), got {layer.rate!r}")
+        if kind == "batchnorm" and not (isinstance(layer.eps, (int, float)) and 0 < layer.eps < 1):
+            raise _bad(spec.name, f"layer {i} (batchnorm) eps must be in (0, 1), got {layer.eps!r}")
+        return shape
+    if kind == "softmax":
+        if i != len(spec.layers) - 1:
+            raise _bad(spec.name, f"layer {i}: softmax is allowed only as the last layer")
+        return shape
+    if kind == "flatten":
+        return (math.prod(shape),)
+    if kind == "dense":
+        if len(shape) != 1:
+            raise _bad(spec.name, f"layer {i} (dense {layer.name}) gets a {'x'.join(map(str, shape))} map",
+                       "put a flatten layer before the first dense layer")
+        _positive(spec, i, layer, "units", 1 << 16)
+        return (layer.units,)
+    if len(shape) != 3:
+        raise _bad(spec.name, f"layer {i} ({kind}) needs a channels x height x width input, got {shape}",
+                   "spatial layers come before flatten")
+    c, h, w = shape
+    k = _positive(spec, i, layer, "kernel", 64)
+    s = _positive(spec, i, layer, "stride", 64)
+    if kind == "conv2d":
+        _positive(spec, i, layer, "filters", 4096)
+        if s not in (1, 2):
+            raise _bad(spec.name, f"layer {i} (conv2d {layer.name}) stride must be 1 or 2, got {s}")
+        if layer.padding not in PADDINGS:
+            raise _bad(spec.name, f"layer {i} (conv2d {layer.name}) padding must be 'valid' or 'same', got {layer.padding!r}")
+        if layer.padding == "same":
+            return (layer.filters, -(-h // s), -(-w // s))
+        oh, ow = (h - k) // s + 1, (w - k) // s + 1
+        if h < k or w < k:
+            raise _bad(spec.name, f"layer {i} (conv2d {layer.name}) kernel {k} is larger than its {h}x{w} input",
+                       "use padding 'same', a smaller kernel, or larger images (cnnsql load --size)")
+        return (layer.filters, oh, ow)
+    if h < k or w < k:
+        raise _bad(spec.name, f"layer {i} ({kind}) window {k} is larger than its {h}x{w} input",
+                   "use fewer pooling layers or larger images (cnnsql load --size)")
+    return (c, (h - k) // s + 1, (w - k) // s + 1)
+
+
+# --- (de)serialisation ------------------------------------------------------------------------------
+
+def from_dict(d: dict, source: str = "model description") -> ModelSpec:
+    """Parse a JSON object (as `to_dict` writes it). Raises CnnsqlError naming the first problem."""
+    if not isinstance(d, dict):
+        raise CnnsqlError(f"{source}: a model description must be a JSON object", "see README 'Model description'")
+    if d.get("format") != FORMAT:
+        raise CnnsqlError(f"{source}: not a cnnsql model description (format {d.get('format')!r}, expected {FORMAT!r})",
+                          "see README 'Model description'")
+    version = d.get("version")
+    if version != VERSION:
+        raise CnnsqlError(f"{source}: model description version {version!r} is not supported (this cnnsql reads {VERSION})",
+                          "upgrade cnnsql or re-export the model")
+    raw_layers = d.get("layers")
+    inp = d.get("input")
+    if not isinstance(raw_layers, list) or not isinstance(inp, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in inp):
+        raise CnnsqlError(f"{source}: needs 'input' [channels, height, width] and a 'layers' list",
+                          "see README 'Model description'")
+    if len(raw_layers) > MAX_LAYERS:
+        raise CnnsqlError(f"{source}: {len(raw_layers)} layers, at most {MAX_LAYERS}")
+    allowed = {f.name for f in fields(Layer)}
+    layers = []
+    for i, raw in enumerate(raw_layers):
+        if not isinstance(raw, dict) or raw.get("kind") not in KINDS:
+            kind = raw.get("kind") if isinstance(raw, dict) else raw
+            raise CnnsqlError(f"{source}: layer {i} has unsupported kind {str(kind)[:60]!r}",
+                              f"supported: {', '.join(KINDS)}")
+        unknown = set(raw) - allowed
+        if unknown:
+            raise CnnsqlError(f"{source}: layer {i} ({raw['kind']}) has unknown fields {sorted(unknown)}",
+                              "see README 'Model description'")
+        layers.append(_with_defaults(Layer(**raw)))
+    try:
+        return ModelSpec(str(d.get("name", "model")), tuple(inp), tuple(layers), version)
+    except CnnsqlError as exc:
+        raise CnnsqlError(f"{source}: {exc.problem}", exc.hint) from None
+
+
+def _with_defaults(layer: Layer) -> Layer:
+    if layer.kind == "conv2d":
+        return Layer(**{**layer.to_dict(), "stride": layer.stride or 1, "padding": layer.padding or "valid"})
+    if layer.kind in ("maxpool", "avgpool"):
+        return Layer(**{**layer.to_dict(), "stride": layer.stride or layer.kernel})
+    if layer.kind == "batchnorm" and layer.eps is None:
+        return Layer(**{**layer.to_dict(), "eps": 1e-5})
+    if layer.kind == "dropout" and layer.rate is None:
+        return Layer(**{**layer.to_dict(), "rate": 0.5})
+    return layer
+
+
+def from_json(text: str, source: str = "model description") -> ModelSpec:
+    try:
+        d = json.loads(text)
+    except ValueError as exc:
+        raise CnnsqlError(f"{source} is not valid JSON: {str(exc)[:200]}", "see README 'Model description'") from None
+    return from_dict(d, source)
+
+
+MAX_SPEC_BYTES = 1 << 20
+
+
+def read_spec_file(path: str | Path) -> ModelSpec:
+    path = Path(path)
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise CnnsqlError(f"model description {path} is larger than {MAX_SPEC_BYTES:,} bytes")
+    return from_json(path.read_text(), str(path))
+
+
+# --- built-in models --------------------------------------------------------------------------------
+
+def study_cnn(input_shape=(3, 32, 32), num_classes: int = 10) -> ModelSpec:
+    """The study's CNN: two 3x3 convolutions of 64, a 2x2 max-pool, dense 512, dense classes."""
+    return ModelSpec("study", tuple(input_shape), (
+        conv2d("conv1", 64, 3), RELU, conv2d("conv2", 64, 3), RELU, maxpool(2), FLATTEN,
+        dense("fc1", 512), RELU, dense("fc2", num_classes), SOFTMAX))
+
+
+def lenet5(input_shape=(3, 32, 32), num_classes: int = 10) -> ModelSpec:
+    """LeNet-5 (LeCun et al. 1998) with ReLU and average pooling: 6 5x5, pool, 16 5x5, pool, 120, 84, classes.
+    Needs inputs of at least 12x12 (the first convolution pads "same" so 28x28 images work, as in the paper)."""
+    return ModelSpec("lenet5", tuple(input_shape), (
+        conv2d("conv1", 6, 5, padding="same"), RELU, avgpool(2), conv2d("conv2", 16, 5), RELU, avgpool(2), FLATTEN,
+        dense("fc1", 120), RELU, dense("fc2", 84), RELU, dense("fc3", num_classes), SOFTMAX))
+
+
+def vgg_small(input_shape=(3, 32, 32), num_classes: int = 10) -> ModelSpec:
+    """VGG-style: two blocks of conv-bn-relu, conv-bn-relu, max-pool (32 then 64 3x3 filters, "same"),
+    then dense 256, dropout 0.5, dense classes."""
+    return ModelSpec("vgg", tuple(input_shape), (
+        conv2d("conv1", 32, 3, padding="same"), batchnorm("bn1"), RELU,
+        conv2d("conv2", 32, 3, padding="same"), batchnorm("bn2"), RELU, maxpool(2),
+        conv2d("conv3", 64, 3, padding="same"), batchnorm("bn3"), RELU,
+        conv2d("conv4", 64, 3, padding="same"), batchnorm("bn4"), RELU, maxpool(2), FLATTEN,
+        dense("fc1", 256), RELU, dropout(0.5), dense("fc2", num_classes), SOFTMAX))
+
+
+BUILTINS = {"study": study_cnn, "lenet5": lenet5, "vgg": vgg_small}
+DEFAULT_MODEL = "study"
+STUDY = study_cnn()
+
+
+def builtin(name: str, input_shape=(3, 32, 32), num_classes: int = 10) -> ModelSpec:
+    try:
+        make = BUILTINS[name]
+    except KeyError:
+        raise CnnsqlError(f"unknown model {name!r}",
+                          f"choose a built-in ({', '.join(BUILTINS)}) or a model description .json file") from None
+    return make(tuple(input_shape), num_classes)
+
+
+def resolve(model: str | None, input_shape=None, num_classes: int | None = None) -> ModelSpec:
+    """A model given on the command line: a built-in name (sized to `input_shape`/`num_classes`
+    when given) or a path to a description .json (which must then match them)."""
+    model = model or DEFAULT_MODEL
+    if model in BUILTINS:
+        return builtin(model, input_shape or (3, 32, 32), num_classes or 10)
+    path = Path(model)
+    if not path.is_file():
+        raise CnnsqlError(f"unknown model {model!r} (not a built-in, no such file)",
+                          f"choose a built-in ({', '.join(BUILTINS)}) or a model description .json file")
+    spec = read_spec_file(path)
+    check_fits(spec, input_shape, num_classes)
+    return spec
+
+
+def check_fits(spec: ModelSpec, input_shape=None, num_classes: int | None = None) -> None:
+    """Clear error when a model does not take these images or produce these classes."""
+    if input_shape is not None and tuple(input_shape) != spec.input_shape:
+        raise CnnsqlError(f"model {spec.name!r} takes {'x'.join(map(str, spec.input_shape))} images, "
+                          f"the data is {'x'.join(map(str, input_shape))}",
+                          "load the images with a matching --size or use a model for this shape")
+    if num_classes is not None and num_classes != spec.num_classes:
+        raise CnnsqlError(f"model {spec.name!r} has {spec.num_classes} classes, the data has {num_classes}",
+                          "use a model made for this dataset")
