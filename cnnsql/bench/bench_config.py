@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cnnsql.data.datasets import DEFAULT as DEFAULT_DATASET
 from cnnsql.engines import ENGINES, engine_class
 
 
@@ -43,7 +44,7 @@ class BenchConfig:
             return Path(self.weights).absolute()
         if self.model and self.model.endswith(".npz"):
             return Path(self.model).absolute()
-        if self.model in (None, model_spec.DEFAULT_MODEL) and dataset in (None, "cifar10"):
+        if self.model in (None, model_spec.DEFAULT_MODEL) and dataset in (None, DEFAULT_DATASET):
             return Path(os.environ.get("CNNSQL_WEIGHTS") or config.default_weights_dir() / "default.npz").absolute()
         stem = self.model if self.model in model_spec.BUILTINS else Path(self.model or model_spec.DEFAULT_MODEL).stem
         return (config.default_weights_dir() / f"{dataset}-{stem}.npz").absolute()

@@ -25,10 +25,9 @@ from cnnsql.data import datasets
 from cnnsql import db
 from cnnsql.placements import evadb_function
 from cnnsql.placements import evadb_session
-from cnnsql.data import loader
 from cnnsql.placements import pgfunctions
 from cnnsql import results
-from cnnsql.results import results_doc
+from cnnsql.results import render, results_doc
 from cnnsql.measure import stats
 from cnnsql.engines import ENGINES, engine_class
 from cnnsql.models.weights import check_weights_model
@@ -101,25 +100,16 @@ class Bench:
 
     def prepare(self) -> None:
         db.ensure_schema(self.conn)
-        if self.cfg.dataset not in (None, datasets.DEFAULT):
-            return self._prepare_dataset(datasets.info(self.conn, self.cfg.dataset))
-        info = results.dataset_info(self.conn)
-        if "test" not in info or "train" not in info:
-            self.say("no data in the database yet: loading CIFAR-10 (cnnsql load)")
-            loader.load(self.target, progress=self.cfg.progress)
-            info = results.dataset_info(self.conn)
-        self.dataset_kind = info["test"]["kind"]
-        self.data_version = results.dataset_version(self.conn)  # checked again before each run is logged
-        if self.dataset_kind != "cifar-10":
-            self.say(f"NOTE: the loaded data is {self.dataset_kind}, not CIFAR-10; accuracy figures mean nothing")
-        self._prepare_dataset(datasets.info(self.conn, datasets.DEFAULT))
+        ds = datasets.ensure(self.conn, self.target, self.cfg.dataset, self.cfg.progress, self.say)
+        if ds.kind == "synthetic":
+            self.say(f"NOTE: the loaded data is {ds.kind}, not CIFAR-10; accuracy figures mean nothing")
+        self._prepare_dataset(ds)
 
     def _prepare_dataset(self, ds: datasets.DatasetInfo) -> None:
         """Weights for the model on this dataset (trained briefly if missing), engines able to run it,
         the test split, and EvaDB with the functions registered."""
         self.ds = ds
-        if ds.name != datasets.DEFAULT:
-            self.dataset_kind, self.data_version = f"folder:{ds.name}", ds.version
+        self.dataset_kind, self.data_version = ds.run_kind, ds.version  # the version is checked before each log
         self.weights = self._weights_path()
         if not self.weights.exists():
             self._train_default()
@@ -399,7 +389,7 @@ def row_of(name: str, n: int, off: dict, single: dict, single_sql: dict, indb: d
 
 def _range(v: list[float], digits: int = 0) -> str:
     lo, mid, hi = v
-    return f"{mid:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
+    return render.rng(mid, lo, hi, digits, sep=False)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -424,7 +414,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _opt(value, digits: int) -> str:
-    return f"{value:.{digits}f}" if value is not None else "-"
+    return render.fmt(value, digits, sep=False)
 
 
 def noise_summary(verdicts: list[dict]) -> str:

@@ -122,7 +122,7 @@ def _run_one(cfg, conn, session, Actor, weights_ref, where, engine, workers, n, 
     # its compilation); no untimed pass over the shards, so the run records warmup = 0.
     spec = dict(kind="ray", scenario="offline", engine=engine, split="test", n_rows=n, batch_size=batch,
                 threads=threads, device="cpu", warmup=0, repetitions=cfg.reps(), workers=workers,
-                cluster=cluster, dataset_kind=ds.kind if ds.kind != "folder" else f"folder:{ds.name}",
+                cluster=cluster, dataset_kind=ds.run_kind,
                 weights=weights, query=shard_query(ds.bytes_relation("test")).as_string(conn))
     actors = []
     with results.logged_run(conn, session, **spec) as run:

@@ -23,7 +23,7 @@ def train_and_save(conn, framework: str, out: Path, *, epochs=None, batch_size=N
     db.ensure_schema(conn)
     ds = datasets.info(conn, dataset)
     spec = model_spec.resolve(model, ds.shape, ds.num_classes)
-    info = results.dataset_info(conn) if ds.name == datasets.DEFAULT else {"dataset": ds.name, "kind": ds.kind}
+    info = ds.provenance(conn)
     _, x_train, y_train = datasets.fetch_split(conn, ds, "train", limit=limit)
     _, x_test, y_test = datasets.fetch_split(conn, ds, "test")
     run_spec = dict(kind="train", scenario="train", engine=framework, split="train", n_rows=len(y_train),

@@ -48,6 +48,17 @@ class DatasetInfo:
         """The EvaDB-visible view of a split (pg.<view>)."""
         return f"cifar_{split}" if self.name == DEFAULT else f"{self.name}_{split}"
 
+    @property
+    def run_kind(self) -> str:
+        """What a run on it records as its data (bench_run.dataset_kind): cifar-10, synthetic, folder:<name>."""
+        return f"folder:{self.name}" if self.kind == "folder" else self.kind
+
+    def provenance(self, conn) -> dict:
+        """Where the data came from, for a weights file's manifest: CIFAR-10's archive md5s, or the folder."""
+        if self.name == DEFAULT:
+            return cifar_table.dataset_info(conn)
+        return {"dataset": self.name, "kind": self.kind}
+
     def bytes_relation(self, split: str) -> tuple[str, str]:
         """(schema, view) of a split's stored images as (id, label, img bytea), the same for every dataset:
         the binary twin of its view (for CIFAR-10 over the split's partition, so id ranges are pruned)."""
@@ -135,6 +146,27 @@ def create_views(cur, name: str) -> None:
 
 
 # --- reading ---------------------------------------------------------------------------------------
+
+def loaded(conn, name: str | None = None) -> bool:
+    """Whether the dataset's test and train splits are in the database."""
+    try:
+        info(conn, name)
+        return True
+    except CnnsqlError:
+        return False
+
+
+def ensure(conn, target, name: str | None = None, progress: bool = True, say=print) -> DatasetInfo:
+    """The dataset, loaded first when it can be fetched without the user (CIFAR-10 from its archive,
+    found or downloaded by `cnnsql load`); an image folder must have been loaded by the user."""
+    name = name or DEFAULT
+    if name == DEFAULT and not loaded(conn, name):
+        from cnnsql.data import loader
+
+        say("no data in the database yet: loading CIFAR-10 (cnnsql load)")
+        loader.load(target, progress=progress)
+    return info(conn, name)
+
 
 def info(conn, name: str | None = None) -> DatasetInfo:
     """What a dataset is; a clear error naming `cnnsql load` when it is not loaded."""

@@ -14,6 +14,7 @@ import pandas as pd
 
 from cnnsql import db
 from cnnsql.core.errors import CnnsqlError
+from cnnsql.results import render
 
 STUDY = {  # the seed study's claims
     "time_s": {"velox": 0.13, "tensorflow": 1.6, "torch": 2.3},
@@ -293,7 +294,41 @@ def placement_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+NAMES = {"torch": "PyTorch", "tensorflow": "TensorFlow", "velox": "Velox"}
+
+
+def setting(runs: pd.DataFrame) -> dict:
+    """What the session measured: its dataset, its model and weights file (read from the file when it
+    is still there; its manifest names the model)."""
+    first = runs.iloc[0]
+    kind = first.dataset_kind if isinstance(first.dataset_kind, str) and first.dataset_kind else "cifar-10"
+    dataset = {"cifar-10": "CIFAR-10", "synthetic": "synthetic CIFAR-shaped data"}.get(
+        kind, kind.split(":", 1)[1] if kind.startswith("folder:") else kind)
+    weights = first.weights if isinstance(first.weights, str) and first.weights else None
+    model = None
+    if weights:
+        try:
+            from cnnsql.models.weights import load_weights
+
+            model = load_weights(weights).spec.name
+        except (CnnsqlError, OSError):
+            model = None
+    engines = [NAMES.get(e, e) for e in sorted(set(runs.engine.dropna()) - {"none"})]
+    return {"dataset": dataset, "kind": kind, "model": model, "weights": weights or "-", "engines": engines,
+            "study_setting": kind == "cifar-10" and model == "study"}
+
+
+def title(runs: pd.DataFrame) -> str:
+    s = setting(runs)
+    return (f"cnnsql: {' vs '.join(s['engines'])} on {s['dataset']}, model {s['model'] or 'of an unreadable weights file'}"
+            " in PostgreSQL")
+
+
 def claims(runs: pd.DataFrame) -> list[str]:
+    s = setting(runs)
+    if not s["study_setting"]:
+        return [f"The study's claims concern its CNN on CIFAR-10; this session ran model {s['model'] or '?'} on "
+                f"{s['dataset']}, so they are not compared here."]
     sqlr = runs[(runs.kind == "sql") & (runs.scenario == "offline")]
     sqlr = sqlr.sort_values("n_rows").groupby("engine").tail(1).set_index("engine")  # each engine's largest sample
     lines = []
@@ -315,22 +350,11 @@ def claims(runs: pd.DataFrame) -> list[str]:
 
 
 def _fmt(value, digits: int = 2) -> str:
-    """A cell: numbers with separators and fixed digits, whole numbers without '.0', '-' for none/nan."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "-"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer() and digits == 0):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:,.{digits}f}"
-    return str(value)
+    return render.fmt(value, digits)
 
 
 def _rng(mid, lo, hi, digits: int) -> str:
-    if mid is None or (isinstance(mid, float) and np.isnan(mid)):
-        return "-"
-    return f"{_fmt(mid, digits)} [{_fmt(lo, digits)}-{_fmt(hi, digits)}]"
+    return render.rng(mid, lo, hi, digits)
 
 
 def html_table(rows: list[dict], columns: list[str], caption: str) -> str:
@@ -392,7 +416,8 @@ def answer(runs: pd.DataFrame) -> list[str]:
     """The opening of the report: who is fastest, by how much, how sure, and whether the run was noisy."""
     n = shared_n(runs)
     off = runs[(runs.scenario == "offline") & (runs.n_rows == n)]
-    lines = []
+    s = setting(runs)
+    lines = [f"Measured: model {s['model'] or '?'} (weights {s['weights']}) on {s['dataset']}."]
     for kind, label in (("sql", "through SQL (EvaDB)"), ("raw", "raw (no SQL)")):
         lead = _lead(off[off.kind == kind])
         if lead:
@@ -496,9 +521,9 @@ def write_report(out: Path, session: str | None = None) -> Path:
            "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child,th:first-child{text-align:left}"
            "figure{margin:16px 0}figure img{max-width:100%;height:auto}figcaption{font-size:13px;color:#333}"
            "code{overflow-wrap:anywhere;font-size:12px}.answer{background:#f4f6fa;padding:8px 16px}")
-    page = ["<!doctype html><html><head><meta charset='utf-8'><title>cnnsql report</title>",
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title(current)) + "</title>",
             f"<style>{css}</style></head><body>",
-            "<h1>cnnsql: PyTorch vs TensorFlow vs Velox on CIFAR-10 in PostgreSQL</h1>",
+            f"<h1>{html.escape(title(current))}</h1>",
             "<div class='answer'><h2>The answer</h2><ul>" + "".join(f"<li>{html.escape(a)}</li>" for a in answer(current))
             + "</ul><h3>The study's claims</h3><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in claims(current))
             + "</ul></div>",
