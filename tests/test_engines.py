@@ -169,3 +169,13 @@ def test_the_base_class_validates_once_and_forward_sees_chunks(engines, weights,
     assert empty.shape == (0, 10) and empty.dtype == np.float32
     with pytest.raises(CnnsqlError, match="batch size must be at least 1"):
         engine.predict(x, batch_size=-4)
+
+
+def test_engines_cap_images_in_flight_by_the_largest_activation():
+    from cnnsql.engines import get_engine
+    from cnnsql.models import model_spec as M
+    from cnnsql.models import weights as W
+
+    spec = M.resolve("study", (3, 32, 32), 10)
+    engine = get_engine("torch", W.random_weights(0, spec), threads=1)
+    assert engine.executed_batch(10_000) == min(engine.chunk or 10_000, M.MAX_BATCH_ACTIVATION // 57_600)

@@ -33,7 +33,7 @@ RSS_LIMIT_MB = 400  # the CLI alone (numpy, psycopg2, tqdm imported) peaks at ab
 # os.wait4's ru_maxrss: that keeps the high-water mark of the forked pytest process across exec.
 PEAK_WRAPPER = """
 import sys
-from cnnsql.cli import main
+from cnnsql.cli.main import main
 try:
     code = main(sys.argv[1:])
 finally:

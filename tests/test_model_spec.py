@@ -212,3 +212,17 @@ def test_resolve_names_and_files(tmp_path):
         M.resolve("resnet")
     with pytest.raises(CnnsqlError, match="kernel 5 is larger than its 4x4 input"):
         M.builtin("lenet5", (1, 8, 8))
+
+
+def test_activations_are_bounded_at_validation_not_only_parameters():
+    """1x1024x1024 input and a 4,096-filter 1x1 'same' convolution: 8,192 parameters, but 4 G values
+    (16 GiB) per image; refused naming the layer before any engine allocates it."""
+    from cnnsql.models import model_spec as M
+
+    doc = {"format": "cnnsql-model", "version": 1, "name": "wide", "input": [1, 1024, 1024], "layers": [
+        {"kind": "conv2d", "name": "c", "filters": 4096, "kernel": 1, "padding": "same"}, {"kind": "relu"},
+        {"kind": "flatten"},
+        {"kind": "dense", "name": "d", "units": 2}, {"kind": "softmax"}]}
+    with pytest.raises(CnnsqlError, match=r"layer 0 \(conv2d\) outputs 4096x1024x1024 = 4,294,967,296 values"):
+        M.from_dict(doc)
+

@@ -44,6 +44,11 @@ class InDatabase:
     def __init__(self, bench):
         self.bench = bench
         self.skipped: str | None = None
+        if not bench.target.private:
+            self.skipped = self._external_server(bench)
+            if self.skipped:
+                print(f"cnnsql bench: in-PostgreSQL placement skipped: {self.skipped}", file=sys.stderr, flush=True)
+            return
         try:
             pgfunctions.install(bench.target, bench.cfg.engines, bench.weights, bench.cfg.threads)
             bench.say(f"[in PostgreSQL] functions cnnsql.<Engine>CNN installed with weights {bench.weights}, "
@@ -51,6 +56,22 @@ class InDatabase:
         except CnnsqlError as exc:
             self.skipped = str(exc)
             print(f"cnnsql bench: in-PostgreSQL placement skipped: {exc}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _external_server(bench) -> str | None:
+        """On a server of the user's (CNNSQL_DSN), the benchmark never installs code: it uses functions its
+        administrator installed with `cnnsql db functions install`, when they run these weights."""
+        try:
+            with db.connection(bench.target) as conn:
+                found = pgfunctions.installed(conn)
+        except (psycopg2.Error, CnnsqlError):
+            found = {}
+        missing = [e for e in bench.cfg.engines if (found.get(e) or {}).get("weights") != str(bench.weights)]
+        if missing:
+            return (f"on a server given by CNNSQL_DSN the benchmark does not install functions; "
+                    f"{', '.join(missing)} not installed there with weights {bench.weights} (its administrator "
+                    f"runs `cnnsql db functions install --weights {bench.weights}`)")
+        return None
 
     def run(self, name: str, n: int, single_calls: int, raw_probs: np.ndarray) -> dict:
         if self.skipped:

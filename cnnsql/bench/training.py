@@ -41,6 +41,7 @@ def train_and_save(conn, framework: str, out: Path, *, epochs=None, batch_size=N
             "dataset": ds.name, "class_names": ds.class_names, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "train_seconds": time.time() - t0,
         }
+        datasets.check_version(conn, ds, ds.version, f"training run {run.id}")  # one dataset, start to end
         save_weights(out, arrays, manifest, spec)
         total = sum(e["seconds"] for e in epochs_done)
         run.finish({"wall_s": total, "images_per_s": len(y_train) * len(epochs_done) / total,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from cnnsql.core import safefs
 from cnnsql.core.errors import CnnsqlError
 
 PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin",)
@@ -75,7 +76,8 @@ def pg_bin(tool: str) -> str:
 
 class PrivateCluster:
     def __init__(self, home: Path):
-        self.root = Path(home) / "pg"
+        self.home = Path(home)
+        self.root = self.home / "pg"
         self.data = self.root / "data"
         self.socket_dir = self.root / "run"
         self.logfile = self.root / "postgres.log"
@@ -102,9 +104,7 @@ class PrivateCluster:
         return ["setpriv", f"--reuid={u.pw_uid}", f"--regid={u.pw_gid}", "--clear-groups", "--", *args]
 
     def _run(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-        for var in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGPASSWORD"):
-            env.pop(var, None)
+        env = self.server_env()
         proc = subprocess.run(self._cmd(*args), capture_output=True, text=True, env=env, cwd="/", input=input)
         if check and proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -114,11 +114,25 @@ class PrivateCluster:
             )
         return proc
 
+    def server_env(self) -> dict[str, str]:
+        """The server's whole environment: a search path, the C locale and its user's home. Nothing of the
+        caller's (tokens, passwords, DSNs) reaches it, nor PL/Python's os.environ in its backends."""
+        home = self.run_as.pw_dir if self.run_as is not None else os.environ.get("HOME", "/")
+        return {"PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C",
+                "HOME": home, **({"TZ": os.environ["TZ"]} if os.environ.get("TZ") else {})}
+
+    def _owner(self) -> tuple[int | None, int | None]:
+        return (self.run_as.pw_uid, self.run_as.pw_gid) if self.run_as is not None else (None, None)
+
     def _own(self, path: Path, mode: int) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, mode)
-        if self.run_as is not None:
-            os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
+        """A folder of the server's user: created or taken (never through a link), mode and owner set."""
+        safefs.private_dir(path, mode, *self._owner())
+
+    def check_state(self) -> None:
+        """The state folder and the cluster's folder must be the caller's alone (their parents owned by
+        the caller or root, nobody else can write into them): secrets and the server's settings live there."""
+        safefs.check_private_dir(self.home, "the state folder (CNNSQL_HOME)")
+        safefs.check_private_dir(self.root, "the private cluster's folder")
 
     @property
     def exists(self) -> bool:
@@ -175,13 +189,15 @@ class PrivateCluster:
         for tool in ("initdb", "postgres", "pg_ctl"):
             pg_bin(tool)
         self._check_socket_path()
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755 if self.run_as else 0o700)
+        self.check_state()
+        safefs.private_dir(self.home, 0o711 if self.run_as else 0o700)
+        safefs.private_dir(self.root, 0o755 if self.run_as else 0o700)
         self._own(self.data, 0o700)
         self._own(self.socket_dir, 0o700)
         if self.run_as is not None and self._run("test", "-w", str(self.data), check=False).returncode != 0:
             raise CnnsqlError(f"user {self.run_as.pw_name!r} cannot reach {self.data} (a parent directory is private)",
-                              "set CNNSQL_HOME to a directory other users can traverse, e.g. /var/tmp/cnnsql")
+                              "set CNNSQL_HOME to a folder of yours whose parents the server's user can traverse "
+                              "(mode 711 on each), not a shared temporary folder")
         return self._choose_port()
 
     def init(self) -> None:
@@ -204,15 +220,11 @@ class PrivateCluster:
             self._initdb(password)
             self._write_hba()
         self._configure_port(port, password)
-        self.marker.write_text("set-up complete: scram-sha-256 on 127.0.0.1, password in pgpass\n")
+        safefs.write_private(self.marker, "set-up complete: scram-sha-256 on 127.0.0.1, password in pgpass\n", 0o644)
 
     def _initdb(self, password: str) -> None:
         pwfile = self.root / "initdb.pw"
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(password + "\n")
-        if self.run_as is not None:
-            os.chown(pwfile, self.run_as.pw_uid, self.run_as.pw_gid)
+        safefs.write_private(pwfile, password + "\n", 0o600, *self._owner())
         try:
             self._run(pg_bin("initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth-local=trust",
                       "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-instructions")
@@ -220,7 +232,7 @@ class PrivateCluster:
             pwfile.unlink(missing_ok=True)
 
     def _write_hba(self) -> None:
-        (self.data / "pg_hba.conf").write_text(HBA)
+        safefs.write_private(self.data / "pg_hba.conf", HBA, 0o600, *self._owner())
 
     def _set_password(self, password: str) -> None:
         proc = self._run(pg_bin("postgres"), "--single", "-D", str(self.data), "postgres", check=False,
@@ -240,13 +252,12 @@ class PrivateCluster:
         """Listen on 127.0.0.1:port (appended settings win over earlier ones); pgpass and port file follow."""
         conf = "\n".join(f"{k} = {v}" for k, v in SETTINGS.items())
         conf += f"\nunix_socket_directories = '{self.socket_dir}'\nport = {port}\n"
-        with open(self.data / "postgresql.conf", "a") as f:
+        with safefs.open_append(self.data / "postgresql.conf") as f:
             f.write("\n# cnnsql private cluster\n" + conf)
         password = password or self.pgpass.read_text().splitlines()[0].rsplit(":", 1)[1]
-        fd = os.open(self.pgpass, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"127.0.0.1:{port}:*:{SUPERUSER}:{password}\nlocalhost:{port}:*:{SUPERUSER}:{password}\n")
-        self.port_file.write_text(str(port))
+        safefs.write_private(self.pgpass, f"127.0.0.1:{port}:*:{SUPERUSER}:{password}\n"
+                                          f"localhost:{port}:*:{SUPERUSER}:{password}\n", 0o600)
+        safefs.write_private(self.port_file, str(port), 0o644)
 
     def _postmaster_pid(self) -> int | None:
         try:
@@ -276,6 +287,7 @@ class PrivateCluster:
         return self._run(pg_bin("pg_ctl"), "-D", str(self.data), "status", check=False).returncode == 0
 
     def start(self) -> None:
+        self.check_state()
         self.init()
         if self.status():
             return
@@ -283,10 +295,8 @@ class PrivateCluster:
         if wanted and _valid_port(wanted, "CNNSQL_PG_PORT") != self.port:
             self._configure_port(self._choose_port())
         self._own(self.socket_dir, 0o700)
-        if not self.logfile.exists():
-            self.logfile.touch(mode=0o600)
-        if self.run_as is not None:
-            os.chown(self.logfile, self.run_as.pw_uid, self.run_as.pw_gid)
+        with safefs.open_append(self.logfile, 0o600, *self._owner()):  # the server appends; never through a link
+            pass
         offset = self.logfile.stat().st_size
         proc = self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60",
                          "start", check=False)

@@ -106,7 +106,10 @@ class Engine(ABC):
         bs = batch_size or self.default_batch_size
         if bs < 1:
             raise CnnsqlError(f"batch size must be at least 1, got {bs}")
-        return min(bs, self.chunk) if self.chunk else bs
+        from cnnsql.models.model_spec import MAX_BATCH_ACTIVATION
+
+        fits = max(1, MAX_BATCH_ACTIVATION // self.spec.largest_activation())  # memory in flight stays bounded
+        return min(bs, self.chunk or bs, fits)
 
     def describe(self) -> dict:
         """Versions and settings, logged with every benchmark run (bench_run.detail->'engine')."""

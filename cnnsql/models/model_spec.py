@@ -47,6 +47,11 @@ MAX_LAYERS = 64
 MAX_PARAMS = 64 << 20        # 64 M floats (256 MB float32), the weights file's own limit
 MAX_DIM = 4096               # input height/width and any layer width
 MAX_CHANNELS = 16            # input channels
+# The largest activation of one image (one layer's output, float32): what a backend or worker holds per
+# image in flight. 16 M floats = 64 MiB; the study CNN's largest is 57,600 floats, a 224x224 VGG's 3.2 M.
+MAX_ACTIVATION = 16 << 20
+# What the engines keep in flight per forward call: the images of a batch times the largest activation
+MAX_BATCH_ACTIVATION = 256 << 20  # floats, 1 GiB float32
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,10 @@ class ModelSpec:
             out.update(self.layer_params(i))
         return out
 
+    def largest_activation(self) -> int:
+        """Values in the largest layer output of one image (bounded by MAX_ACTIVATION at validation)."""
+        return max([math.prod(self.input_shape)] + [math.prod(s) for s in self._shapes])
+
     def param_count(self) -> int:
         return sum(math.prod(s) for s in self.param_shapes().values())
 
@@ -260,6 +269,10 @@ def _infer(spec: ModelSpec) -> list[Shape]:
                 raise _bad(spec.name, f"layer {i} ({layer.kind}) needs a unique identifier name, got {layer.name!r}")
             names.add(layer.name)
         shape = _layer_shape(spec, i, layer, shape)
+        if math.prod(shape) > MAX_ACTIVATION:
+            raise _bad(spec.name, f"layer {i} ({layer.kind}) outputs {'x'.join(map(str, shape))} = "
+                       f"{math.prod(shape):,} values per image, more than {MAX_ACTIVATION:,} (64 MiB)",
+                       "use smaller images (cnnsql load --size), fewer filters or a stride")
         out.append(shape)
         params += sum(math.prod(s) for s in _params_of(layer, out[-2] if i else spec.input_shape).values())
         if params > MAX_PARAMS:

@@ -66,6 +66,27 @@ for path, mode in [(p, os.R_OK | os.X_OK) for p in paths] + [(f, os.R_OK) for f 
     elif not os.access(path, mode):
         d = blocked(path)
         info["problems"].append("server user %s cannot %s" % (info["user"], "traverse " + d if d else "read " + path))
+def untrusted(path):
+    # whoever can write what the server imports or reads runs code as the server's OS user
+    st = os.stat(path)
+    if st.st_uid not in (0, os.geteuid()):
+        return "%s belongs to uid %d, not to root or the server's user %s" % (path, st.st_uid, info["user"])
+    if st.st_mode & 0o022 and not (st.st_mode & 0o1000 and os.path.isdir(path)):
+        return "%s is writable by group or others (mode %o)" % (path, st.st_mode & 0o7777)
+    return None
+if not info["problems"]:
+    seen = set()
+    pth = [os.path.join(paths[0], n) for n in sorted(os.listdir(paths[0])) if n.endswith(".pth")]
+    for path in list(paths) + list(files) + pth:
+        chain = [path] + [os.path.dirname(path.rstrip("/"))]
+        while chain[-1] not in ("/", ""):
+            chain.append(os.path.dirname(chain[-1]))
+        for p in chain:
+            if p and p not in seen:
+                seen.add(p)
+                why = untrusted(p)
+                if why:
+                    info["untrusted"] = info.get("untrusted", []) + [why]
 if not info["problems"]:
     try:
 {bootstrap}
@@ -146,11 +167,44 @@ def check_probe(info: dict) -> None:
                           f"(PYTHON=python{server[0]}.{server[1]} make setup) and install again")
     if info["problems"]:
         raise CnnsqlError("; ".join(info["problems"]),
-                          f"make the venv and weights readable by {info['user']!r} (directories o+rx, files o+r) "
-                          "or keep them under a path it can reach, e.g. CNNSQL_HOME=/var/tmp/cnnsql")
+                          f"make the venv and weights readable by {info['user']!r} (directories o+rx, files o+r), "
+                          "or keep them under a path it can reach")
+    if info.get("untrusted"):
+        shown = "; ".join(info["untrusted"][:3]) + ("; ..." if len(info["untrusted"]) > 3 else "")
+        raise CnnsqlError(f"the functions would run code that another user can change: {shown}",
+                          "keep the venv, the checkout and the weights in folders owned by root or the server's "
+                          "user and writable only by their owner (chmod go-w), then install again")
 
 
 # --- install / remove / status -------------------------------------------------------------
+
+def check_owned(cur) -> None:
+    """Refuse a schema `cnnsql`, or an object in it, that another role owns (someone who created it first
+    would own what the superuser then calls)."""
+    cur.execute("""SELECT kind, name, pg_get_userbyid(owner) FROM (
+                     SELECT 'schema' AS kind, nspname::text AS name, nspowner AS owner FROM pg_namespace
+                      WHERE nspname = %(s)s
+                     UNION ALL SELECT 'type', typname::text, typowner FROM pg_type
+                      WHERE typnamespace = to_regnamespace(%(s)s) AND typtype = 'c'
+                     UNION ALL SELECT 'function', proname::text, proowner FROM pg_proc
+                      WHERE pronamespace = to_regnamespace(%(s)s)
+                     UNION ALL SELECT 'relation', relname::text, relowner FROM pg_class
+                      WHERE relnamespace = to_regnamespace(%(s)s) AND relkind <> 'c') o
+                   WHERE owner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)""", {"s": SCHEMA})
+    other = cur.fetchall()
+    if other:
+        kind, name, owner = other[0]
+        raise CnnsqlError(f"{kind} {name!r} in schema {SCHEMA} belongs to role {owner!r}, not to "
+                          f"{cur.connection.info.user!r}: the functions would run with what another role put there",
+                          f"drop or reassign it (ALTER SCHEMA {SCHEMA} OWNER TO ...) as the server's administrator, "
+                          "then install again")
+
+
+def revoke_public(cur) -> None:
+    """The functions run as the server's OS user: no role may call them unless granted
+    (GRANT EXECUTE ON FUNCTION cnnsql.torchcnn(bytea) TO some_role)."""
+    cur.execute(sql.SQL("REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {} FROM PUBLIC").format(sql.Identifier(SCHEMA)))
+
 
 def _create(cur, signature: sql.Composable, returns: str, body: str, comment: dict, rows: str = "") -> None:
     cur.execute(sql.SQL("CREATE OR REPLACE FUNCTION {} RETURNS " + returns + " LANGUAGE plpython3u " + rows +
@@ -208,8 +262,10 @@ def install(target: db.Target, engines: list[str], weights: Path, threads: int |
             cur.execute("SELECT pg_advisory_xact_lock(hashtext('cnnsql.functions'))")  # concurrent installs queue
             cur.execute("CREATE EXTENSION IF NOT EXISTS plpython3u")
             cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+            check_owned(cur)
             pin_search_path(cur)
             cur.execute(TYPE_SQL)
+            check_owned(cur)
             info = _probe(cur, weights)
             check_probe(info)
             for e in engines:
@@ -223,6 +279,7 @@ def install(target: db.Target, engines: list[str], weights: Path, threads: int |
                 _create(cur, many, f"TABLE ({BATCH_COLUMNS})", function_body(
                     f"return rt.classify_many(plpy, 'cnnsql.{sql_name(e)}_batch', *{args!r}, ids, imgs)"),
                     comment, rows="ROWS 256")
+            revoke_public(cur)
         conn.commit()
     return info
 

@@ -13,6 +13,8 @@ from typing import Callable, Iterator
 
 import psycopg2
 
+from cnnsql.core.errors import CnnsqlError
+
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _INT16, _INT32, _INT64, _FLOAT64 = (struct.Struct(f) for f in (">h", ">i", ">q", ">d"))
 # Types whose binary form converts to exactly the Python value psycopg2 gives from text. float4 is
@@ -28,6 +30,18 @@ DECODERS: dict[str, Callable[[memoryview], object]] = {
     "varchar": lambda b: str(b, "utf-8"),
     "name": lambda b: str(b, "utf-8"),
 }
+
+
+# The binary form's exact size of the fixed-size types; a field of another size is a malformed stream.
+FIXED_SIZE = {"int2": 2, "int4": 4, "int8": 8, "float8": 8, "bool": 1}
+# Variable-size fields (bytea, text): at most this many bytes each (a stored image of the largest model
+# input cnnsql accepts is 1 MiB; text values are names), and a header extension at most this much.
+MAX_FIELD_BYTES = 64 << 20
+MAX_EXTENSION_BYTES = 1 << 20
+
+
+class MalformedCopy(ValueError):
+    """The server's COPY bytes do not follow the binary COPY format (a broken or hostile server)."""
 
 
 class _Raised:
@@ -91,15 +105,32 @@ def read_ahead(items: Iterator) -> Iterator:
 
 class BinaryCopyParser:
     """Rows of PostgreSQL's binary COPY format from the byte pieces COPY sends, as tuples of Python
-    values (None for NULL), decoded by each column's type name (DECODERS)."""
+    values (None for NULL), decoded by each column's type name (DECODERS).
 
-    def __init__(self, types: list[str]):
+    The bytes are not trusted: a negative length other than -1 (NULL), a fixed-size field of the wrong
+    size, a field over MAX_FIELD_BYTES, a negative or oversized header extension and any byte after the
+    trailer raise MalformedCopy; `finish()` raises it unless the stream ended with its trailer, so a
+    truncated stream is an error, never a short answer."""
+
+    def __init__(self, types: list[str], max_field_bytes: int = MAX_FIELD_BYTES):
         self.decoders = [DECODERS[t] for t in types]
+        self.sizes = [FIXED_SIZE.get(t) for t in types]
+        self.max_field = max_field_bytes
         self.buffer = bytearray()
         self.header_done = False
         self.finished = False
 
+    def finish(self) -> None:
+        """The stream is over: it must have ended with the trailer and nothing after it."""
+        if not self.finished:
+            raise MalformedCopy(f"binary COPY stream ended without its trailer ({len(self.buffer)} bytes of an "
+                                "incomplete row or header left)")
+
     def feed(self, data) -> list[tuple]:
+        if self.finished:
+            if len(data):
+                raise MalformedCopy("binary COPY data after the trailer")
+            return []
         self.buffer += data
         rows, pos, view = [], 0, memoryview(self.buffer)
         try:
@@ -112,6 +143,8 @@ class BinaryCopyParser:
                 values, pos = row
                 if values is None:
                     self.finished = True
+                    if pos != len(view):
+                        raise MalformedCopy("binary COPY data after the trailer")
                     break
                 rows.append(values)
         finally:
@@ -123,8 +156,10 @@ class BinaryCopyParser:
         if len(view) < 19:
             return 0
         if bytes(view[:11]) != SIGNATURE:
-            raise ValueError("not PostgreSQL binary COPY data")
+            raise MalformedCopy("not PostgreSQL binary COPY data")
         extension = _INT32.unpack_from(view, 15)[0]
+        if not 0 <= extension <= MAX_EXTENSION_BYTES:
+            raise MalformedCopy(f"binary COPY header extension of {extension} bytes")
         return 19 + extension if len(view) >= 19 + extension else 0
 
     def _row(self, view: memoryview, pos: int):
@@ -135,9 +170,9 @@ class BinaryCopyParser:
         if fields == -1:
             return None, pos + 2
         if fields != len(self.decoders):
-            raise ValueError(f"binary COPY row has {fields} fields, expected {len(self.decoders)}")
+            raise MalformedCopy(f"binary COPY row has {fields} fields, expected {len(self.decoders)}")
         at, values = pos + 2, []
-        for decode in self.decoders:
+        for decode, fixed in zip(self.decoders, self.sizes):
             if len(view) < at + 4:
                 return None
             size = _INT32.unpack_from(view, at)[0]
@@ -145,9 +180,14 @@ class BinaryCopyParser:
             if size == -1:
                 values.append(None)
                 continue
+            if size < 0 or (fixed is not None and size != fixed) or size > self.max_field:
+                raise MalformedCopy(f"binary COPY field of {size} bytes" + (f", expected {fixed}" if fixed else ""))
             if len(view) < at + size:
                 return None
-            values.append(decode(view[at:at + size]))
+            try:
+                values.append(decode(view[at:at + size]))
+            except (UnicodeDecodeError, struct.error) as exc:
+                raise MalformedCopy(f"binary COPY field does not decode: {exc}") from None
             at += size
         return tuple(values), at
 
@@ -179,10 +219,16 @@ def copy_rows(conn, trusted_select: str, types: list[str], sizes: Iterator[int])
         try:
             with conn.cursor() as cursor:
                 cursor.copy_expert(text, Sink(), size=1 << 16)
+            if not state["stopped"]:
+                parser.finish()
         except psycopg2.extensions.QueryCanceledError:
             if state["stopped"]:
                 return
             raise
+        except MalformedCopy as exc:
+            conn.close()  # the server's bytes cannot be trusted: no further statement on this connection
+            raise CnnsqlError(f"the PostgreSQL server sent a malformed COPY stream: {exc}",
+                              "check the server (and use TLS on a network DSN); no rows were used") from None
         if state["stopped"]:  # COPY ended before the cancel landed: it could hit the next statement
             conn.close()
             return
