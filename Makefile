@@ -14,7 +14,7 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench-sql db-start db-stop shell report clean plpython chromium
+.PHONY: setup test test-fast peer-evadb bench-sql db-start db-stop shell report clean plpython chromium
 # setup: the venv, and PL/Python for the in-PostgreSQL placement (installed as root with apt-get;
 # otherwise one line names the package to install). test also wants chromium for the report test.
 setup: $(STAMP) plpython
@@ -49,6 +49,13 @@ test: setup chromium
 # The inner loop: unit tests only (no database, no servers), under a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" tests
+
+# EvaDB's own test suite (v0.3.9, from ../shared/peer), stock and with cnnsql's patch: fails if the patch
+# breaks a test that passes on stock EvaDB. Its extra test packages go into the venv without their deps.
+PEER ?= ../shared/peer/evadb-0.3.9
+peer-evadb: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps mock==5.2.0 eva-decord==0.6.1 opencv-python-headless==5.1.0.95
+	PEER_PYTHON=$(abspath $(BIN))/python PEER_PATCH=cnnsql.placements.evadb_patch:install bash $(PEER)/run.sh
 
 bench-sql: setup
 	$(BIN)/cnnsql bench $(BENCH_ARGS)

@@ -115,3 +115,17 @@ def test_a_fresh_cluster_never_trusts_tcp(home):
                                if l.startswith("host")]
     finally:
         PrivateCluster(fresh).stop()
+
+
+def test_the_socket_asks_for_the_password_too(home):
+    """As root the server runs as 'postgres': another process of that user (another cluster's PL/Python)
+    reaches the socket folder, so the socket must not trust it."""
+    assert cli(home, "db", "start").returncode == 0
+    cluster = PrivateCluster(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    proc = subprocess.run(cluster._cmd(pg_bin("psql"), "-w", "-h", str(cluster.socket_dir), "-p", str(cluster.port),
+                                       "-U", "cnnsql", "-d", "postgres", "-c", "SELECT 1"),
+                          capture_output=True, text=True, env={**env, "PGPASSFILE": "/nonexistent"}, timeout=30)
+    assert proc.returncode != 0 and "password" in proc.stderr, proc.stdout + proc.stderr
+    hba = [l.split() for l in (cluster.data / "pg_hba.conf").read_text().splitlines() if l and not l.startswith("#")]
+    assert all(l[-1] == "scram-sha-256" for l in hba), hba

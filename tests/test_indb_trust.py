@@ -90,3 +90,22 @@ def test_bench_never_installs_on_a_server_of_the_user(installed, server_tmp):
     reason = InDatabase._external_server(SimpleNamespace(target=external, cfg=cfg, weights=other))
     assert reason and "does not install functions" in reason and "cnnsql db functions install" in reason
     assert InDatabase._external_server(SimpleNamespace(target=external, cfg=cfg, weights=installed)) is None
+
+
+def test_a_views_schema_another_role_made_first_is_refused(target):
+    name = f"squatb_{uuid.uuid4().hex[:8]}"
+    squatter = f"squatter_{uuid.uuid4().hex[:6]}"
+    env = {"CNNSQL_DB": name}
+    url = run_cli("db", "url", env=env).stdout.strip()
+    import psycopg2
+
+    base = psycopg2.connect(run_cli("db", "url").stdout.strip())
+    base.autocommit = True
+    with base.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    base.close()
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(f'CREATE ROLE "{squatter}"')
+        cur.execute(f'CREATE SCHEMA cnnsql_bytes AUTHORIZATION "{squatter}"')
+    one_line(run_cli("load", "--quiet", "--synthetic", "10", env=env, check=False),
+             "schema 'cnnsql_bytes'", f"belongs to role {squatter!r}")

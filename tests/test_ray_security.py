@@ -71,7 +71,7 @@ def test_local_ray_listens_on_loopback_only_with_a_private_folder(loaded, target
                 except psutil.NoSuchProcess:
                     pass
             mode = stat.S_IMODE((home / "ray").stat().st_mode)
-            pgpass_mode = stat.S_IMODE((home / "ray" / "pgpass").stat().st_mode)
+            pgpass_mode = stat.S_IMODE((home / "ray" / f"pgpass.{proc.pid}").stat().st_mode)
             break
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout + stderr
@@ -93,7 +93,7 @@ def test_actor_arguments_carry_no_password(tmp_path):
     env = ray_worker.worker_env(target, tmp_path)
     args = ray_worker.actor_args("torch", None, 1, target, env)
     assert b"s3cr" not in pickle.dumps(args)
-    pgpass = tmp_path / "pgpass"
+    pgpass = tmp_path / f"pgpass.{os.getpid()}"
     assert stat.S_IMODE(pgpass.stat().st_mode) == 0o600 and env["PGPASSFILE"] == str(pgpass)
     assert pgpass.read_text() == "db.example:5432:x:u:s3cr\\:t@%\n"
 
@@ -114,7 +114,7 @@ def test_a_cnnsql_home_too_long_for_ray_sockets_gets_a_private_short_folder(tmp_
     try:
         assert len(str(path)) + ray_local.SOCKET_TAIL <= ray_local.UNIX_PATH_MAX
         assert stat.S_IMODE(path.stat().st_mode) == 0o700 and path.stat().st_uid == os.getuid()
-        (path / "pgpass").write_text("x")
+        (path / f"pgpass.{os.getpid()}").write_text("x")
         ray_local.cleanup(path)
         assert not path.exists()
     finally:
@@ -127,3 +127,19 @@ def test_a_cnnsql_home_too_long_for_ray_sockets_gets_a_private_short_folder(tmp_
         assert short.exists()  # only the mkdtemp fallback is removed
     finally:
         shutil.rmtree(home)
+
+
+def test_a_killed_runs_password_file_is_swept_by_the_next_command(tmp_path):
+    """A Ray run killed before its cleanup leaves its DSN password file; any next command removes it
+    (its process is gone), and leaves a running run's file alone."""
+    home = tmp_path / "state"
+    (home / "ray").mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = home / "ray" / f"pgpass.{dead.pid}"
+    left.write_text("db:5432:x:u:secret\n")
+    live = home / "ray" / f"pgpass.{os.getpid()}"
+    live.write_text("db:5432:x:u:secret\n")
+    proc = subprocess.run([sys.executable, "-m", "cnnsql", "db", "status"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "CNNSQL_HOME": str(home)}, timeout=120)
+    assert not left.exists() and live.exists(), proc.stderr

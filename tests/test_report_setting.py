@@ -38,3 +38,10 @@ def test_one_formatter_for_every_view():
     assert render.rng(1234.56, 1000.0, 1500.0, 1, sep=False) == "1234.6 [1000.0-1500.0]"
     assert render.rng(float("nan"), 1, 2, 1) == "-" and render.fmt(None) == "-" and render.fmt(True) == "yes"
     assert render.fmt(12000.0, 0) == "12,000" and render.fmt(3, 2) == "3"
+
+
+def test_session_files_carry_no_host_name_or_folder_layout():
+    from cnnsql import results
+
+    assert results._anonymous_host("build-7.corp (x86_64, AMD EPYC, 2 cpus, Linux)") == "x86_64, AMD EPYC, 2 cpus, Linux"
+    assert results._file_name("/home/alice/projects/cnnsql/.cnnsql/weights/default.npz") == "default.npz"

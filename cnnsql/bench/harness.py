@@ -10,6 +10,7 @@ Engine capabilities and defaults come from the engine classes: nothing here name
 """
 from __future__ import annotations
 
+import hashlib
 import statistics
 import string
 import sys
@@ -113,6 +114,7 @@ class Bench:
         self.weights = self._weights_path()
         if not self.weights.exists():
             self._train_default()
+        self.weights_sha256 = file_sha256(self.weights)  # every run records which weights it measured
         self.spec = check_weights_model(self.weights, self.cfg.model, ds.shape, ds.num_classes)
         self._select_engines()
         self.ids, self.images, self.labels = datasets.fetch_split(self.conn, ds, "test")
@@ -206,6 +208,7 @@ class Bench:
                "peak_rss_mb": mon["peak_rss_mb"], "gpu_pct": mon["gpu_pct"], "noisy": verdict.pop("noisy"),
                "load_1m": (self.load_at_start or [None])[0],
                "detail": {**side.spec.get("detail", {}), **verdict, "load_at_start": self.load_at_start,
+                          "weights_sha256": self.weights_sha256,
                           "images_per_s_range": [n / wall["max"], n / wall["min"]]}}
         if single:
             ms = [1000 * w for w in walls]
@@ -374,6 +377,14 @@ class Bench:
             self.rows += self.bench_engine(name)
         self.record_agreement()
         return self.rows
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def accuracy_interval(pred: np.ndarray, labels: np.ndarray) -> dict:

@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        from cnnsql.placements import ray_local
+
+        ray_local.sweep_password_files()  # a killed Ray run's DSN password does not outlive it
         return args.func(args) or 0
     except CnnsqlError as exc:
         if args.debug:

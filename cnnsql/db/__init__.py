@@ -131,6 +131,15 @@ def ensure_schema(conn) -> None:
     """Create the data and results tables if missing (idempotent)."""
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('cnnsql.schema'))")
+        # A schema of ours that another role made first would own the views cnnsql reads: refuse it
+        cur.execute("SELECT nspname, pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'cnnsql_bytes' "
+                    "AND nspowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)")
+        other = cur.fetchone()
+        if other:
+            conn.rollback()
+            raise CnnsqlError(f"schema {other[0]!r} belongs to role {other[1]!r}, not to {conn.info.user!r}: its "
+                              "views would be read as this role", f"drop or reassign schema {other[0]} as the "
+                              "server's administrator, or use another database (CNNSQL_DB)")
         for name in ("schema.sql", "results.sql", "datasets.sql"):
             cur.execute(sql_file(name))
     conn.commit()

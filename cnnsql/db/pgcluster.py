@@ -36,8 +36,10 @@ SETTINGS = {
     "logging_collector": "off",
 }
 
-HBA = ("# socket: directory mode 0700, owner only. TCP: loopback only, password in pgpass (0600). Never trust on TCP.\n"
-       "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+# Password authentication on the socket too: as root the server runs as `postgres` (or `nobody`), and any
+# other process of that OS user (another cluster's PL/Python, say) must not be superuser of this one.
+HBA = ("# socket: directory mode 0700, owner only; TCP: loopback only. Password (pgpass, 0600) on both; never trust.\n"
+       "local all all scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n")
 
 
 def _valid_port(text: str, where: str) -> int:
@@ -226,10 +228,21 @@ class PrivateCluster:
         pwfile = self.root / "initdb.pw"
         safefs.write_private(pwfile, password + "\n", 0o600, *self._owner())
         try:
-            self._run(pg_bin("initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth-local=trust",
+            self._run(pg_bin("initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth-local=scram-sha-256",
                       "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-instructions")
         finally:
             pwfile.unlink(missing_ok=True)
+
+    def _current_hba(self) -> None:
+        """A cluster made by an earlier cnnsql trusted its socket: give it today's rules (reloaded if running)."""
+        try:
+            current = (self.data / "pg_hba.conf").read_text()
+        except OSError:
+            return
+        if current != HBA:
+            self._write_hba()
+            if self.status():
+                self._run(pg_bin("pg_ctl"), "-D", str(self.data), "reload", check=False)
 
     def _write_hba(self) -> None:
         safefs.write_private(self.data / "pg_hba.conf", HBA, 0o600, *self._owner())
@@ -289,6 +302,7 @@ class PrivateCluster:
     def start(self) -> None:
         self.check_state()
         self.init()
+        self._current_hba()
         if self.status():
             return
         wanted = os.environ.get("CNNSQL_PG_PORT")

@@ -18,6 +18,7 @@ from cnnsql.placements.predictor import OtherEngineLoaded, Predictor, bad_rows_m
 # One call of the batched form holds its images, their float copy and the activations in the
 # backend (about 0.6 MB per CIFAR-10 image at batch 64); beyond this the caller is told to group rows.
 MAX_BATCH_IMAGES = 16384
+MAX_BATCH_BYTES = 256 << 20  # and at most this many image bytes per call, whatever the images' size
 
 
 def predictor(plpy, function: str, name: str, weights: str, threads: int | None) -> Predictor:
@@ -52,6 +53,10 @@ def classify_many(plpy, function: str, name: str, weights: str, threads: int | N
     if len(imgs) > MAX_BATCH_IMAGES:
         plpy.error(f"{function}: {len(imgs)} images in one call, at most {MAX_BATCH_IMAGES} (group the rows, "
                    "e.g. GROUP BY id / 256, see sql/psql_examples.sql)")
+    total = sum(len(img) for img in imgs if img is not None)
+    if total > MAX_BATCH_BYTES:
+        plpy.error(f"{function}: {total:,} bytes of images in one call, at most {MAX_BATCH_BYTES:,} (group the rows "
+                   "into smaller calls, e.g. GROUP BY id / 256)")
     rows, bad = predictor(plpy, function, name, weights, threads).classify(imgs, ids)
     if bad:
         plpy.warning(f"{function}: {bad_rows_message(bad)}")

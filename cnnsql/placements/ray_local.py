@@ -27,6 +27,7 @@ from psycopg2.extensions import make_dsn
 
 from cnnsql.core import config
 from cnnsql import db
+from cnnsql.core import safefs
 from cnnsql.core.errors import CnnsqlError
 
 LOOPBACK = "127.0.0.1"
@@ -63,7 +64,7 @@ def cleanup(path: Path | None) -> None:
     """After ray.shutdown(): the password file goes; a mkdtemp folder goes entirely."""
     if path is None:
         return
-    (path / "pgpass").unlink(missing_ok=True)
+    (path / f"pgpass.{os.getpid()}").unlink(missing_ok=True)
     if path.name.startswith(FALLBACK_PREFIX) and path.parent == Path(tempfile.gettempdir()):
         shutil.rmtree(path, ignore_errors=True)
 
@@ -121,8 +122,22 @@ def worker_secrets(target: db.Target, private_dir: Path | None) -> dict:
                           "remove it from CNNSQL_DSN and set PGPASSFILE or PGPASSWORD on every Ray node")
     p = target.params()
     line = ":".join(_pgpass_field(p.get(k)) for k in ("host", "port", "dbname", "user")) + ":" + _pgpass_field(password)
-    path = private_dir / "pgpass"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(line + "\n")
+    path = private_dir / f"pgpass.{os.getpid()}"  # the run's process in its name: see sweep_password_files
+    safefs.write_private(path, line + "\n", 0o600)
     return {"PGPASSFILE": str(path)}
+
+
+def sweep_password_files() -> int:
+    """Remove the DSN password files of Ray runs whose process is gone (killed before its cleanup):
+    every command calls this first, so a password never outlives its run by more than that."""
+    import psutil
+
+    folder, removed = temp_dir(), 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.glob("pgpass*"):
+        _, _, pid = path.name.partition(".")
+        if not pid.isdigit() or not psutil.pid_exists(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -146,13 +146,14 @@ def export_session(conn, session_id: str, out_dir, settings=None) -> "Path":
         "session": session_id,
         "started_at": first["started_at"].isoformat(),
         "finished_at": max(r["finished_at"] for r in runs).isoformat(),
-        "machine": {"host": first["host"], "platform": platform.platform(), "processor": platform.processor(),
+        "machine": {"host": _anonymous_host(first["host"]), "platform": platform.platform(),
+                    "processor": platform.processor(),
                     "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
                     "load_at_start": (first["detail"] or {}).get("load_at_start")},
         "versions": first["versions"],
         "git_commit": first["git_commit"],
         "settings": _plain(dataclasses.asdict(settings)) if dataclasses.is_dataclass(settings) else settings,
-        "runs": [{**{k: _plain(v) for k, v in r.items() if k not in shared},
+        "runs": [{**{k: _plain(_file_name(v) if k == "weights" else v) for k, v in r.items() if k not in shared},
                   "repetition_values": by_run.get(r["run_id"], [])} for r in runs],
     }
     out_dir = Path(out_dir)
@@ -162,6 +163,19 @@ def export_session(conn, session_id: str, out_dir, settings=None) -> "Path":
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+def _anonymous_host(host: str | None) -> str | None:
+    """The machine line without its host name (committed files say what the machine is, not its name):
+    'name (x86_64, AMD EPYC, 2 cpus, Linux)' -> 'x86_64, AMD EPYC, 2 cpus, Linux'."""
+    if not host or "(" not in host:
+        return host
+    return host[host.index("(") + 1:].rstrip(")")
+
+
+def _file_name(path):
+    """A weights path as its file name: no user's folder layout in a committed file."""
+    return Path(path).name if isinstance(path, str) and path else path
 
 
 def _plain(value):

@@ -47,6 +47,7 @@ STOCK_SOURCES = {
     "evadb.parser.lark_visitor._functions:Functions.aggregate_windowed_function": "e913f7cb7c6c0195",
     "evadb.expression.logical_expression:LogicalExpression.__str__": "eab6fa88f0e28585",
     "evadb.server.command_handler:execute_statement": "08a8a7ae19573ad2",
+    "evadb.catalog.sql_config:SingletonMeta.__call__": "4e2ab1b1bc0b7623",
 }
 _state = {"installed": False, "checked": None}
 

@@ -4,7 +4,10 @@
   EvaDB builds a CatalogManager about a dozen times per query, each re-running `create_all` on
   the SQLite catalog. The managers share one SQLAlchemy engine and thread-local session anyway
   (`SQLConfig` is a singleton, the session a `scoped_session`), so the cache keeps EvaDB's thread
-  separation and drops the repeated bootstrap.
+  separation and drops the repeated bootstrap. The cache never outlives the catalog it caches: the
+  SQLite file is held open, and once it has been removed (an EvaDB folder deleted and made again
+  at the same path) the cached managers and the singleton's engine are dropped, for cached and
+  stock callers alike (`SQLConfig`'s constructor is checked too), and a fresh catalog is built.
 - Data-source and function entries, function outputs and configuration values are cached in that
   manager and dropped by every call that can change them (the catalog is private to the process:
   see evadb_session). The function lookup alone cost 13 ms of CPU per query under load.
@@ -17,11 +20,13 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 from evadb.binder import binder_utils
 from evadb.binder import statement_binder_context as binder_context
+from evadb.catalog import sql_config
 from evadb.catalog.catalog_manager import CatalogManager
 from evadb.database import EvaDBDatabase
 from evadb.third_party.databases.interface import get_database_handler
@@ -40,12 +45,75 @@ COST_WRITE_SECONDS = 30.0
 STOCK_CHECK_SOURCE = binder_context.check_data_source_and_table_are_valid
 
 
+STOCK_SINGLETON_CALL = sql_config.SingletonMeta.__call__
+_files: dict[str, int] = {}        # catalog URI -> descriptor of its SQLite file, opened once it exists
+_generation: dict[str, int] = {}   # catalog URI -> how many times its file was found removed
+_files_lock = threading.Lock()
+
+
+def _sqlite_path(uri: str) -> str | None:
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+
+
+def _hold(uri: str) -> None:
+    """Keep the catalog's SQLite file open, to notice when it is removed (its link count drops to 0)."""
+    path = _sqlite_path(uri)
+    if path is None or uri in _files:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    with _files_lock:
+        if uri in _files:
+            os.close(fd)
+        else:
+            _files[uri] = fd
+
+
+def _drop_if_removed(uri: str) -> None:
+    """When the catalog file we hold was removed, forget everything bound to it: the held file, the
+    SQLConfig singleton (its engine's connections write to the removed file) and, through the
+    generation, every thread's cached managers."""
+    fd = _files.get(uri)
+    if fd is None:
+        return
+    try:
+        removed = os.fstat(fd).st_nlink == 0
+    except OSError:
+        removed = True
+    if not removed:
+        return
+    with _files_lock:
+        if _files.get(uri) != fd:
+            return
+        del _files[uri]
+        os.close(fd)
+        _generation[uri] = _generation.get(uri, 0) + 1
+        stale = sql_config.SingletonMeta._instances.pop((sql_config.SQLConfig, uri), None)
+    if stale is not None:
+        stale.engine.dispose()
+
+
+def _singleton_call(cls, uri):
+    """SQLConfig(uri) as stock, except that a config bound to a removed catalog file is not handed out."""
+    if cls is sql_config.SQLConfig:
+        _drop_if_removed(str(uri))
+    return STOCK_SINGLETON_CALL(cls, uri)
+
+
 def _catalog(self):
+    uri = self.catalog_uri
+    _drop_if_removed(uri)
     cache = _local.__dict__.setdefault("managers", {})
-    key = (id(self.catalog_func), self.catalog_uri)
-    if key not in cache:
-        cache[key] = self.catalog_func(self.catalog_uri)
-    return cache[key]
+    key = (id(self.catalog_func), uri, _generation.get(uri, 0))
+    manager = cache.get(key)
+    if manager is None:
+        for old in [k for k in cache if k[1] == uri]:  # an earlier generation of this catalog
+            del cache[old]
+        manager = cache[key] = self.catalog_func(uri)
+        _hold(uri)
+    return manager
 
 
 def _memo(self) -> dict:
@@ -63,7 +131,7 @@ def _memoized(name: str):
 
 def _get_function_outputs(self, function_obj):
     memo = _memo(self)
-    key = ("outputs", function_obj.row_id, function_obj.name)
+    key = ("outputs", function_obj.row_id)  # only what stock reads of the entry
     if key not in memo:
         memo[key] = _STOCK["get_function_io_catalog_output_entries"](self, function_obj)
     return list(memo[key])
@@ -126,6 +194,7 @@ def _bind_native_table_info(catalog, table_info):
 
 def install() -> None:
     EvaDBDatabase.catalog = _catalog
+    sql_config.SingletonMeta.__call__ = _singleton_call
     for name in MEMOIZED:
         setattr(CatalogManager, name, _memoized(name))
     CatalogManager.get_configuration_catalog_value = _get_configuration
