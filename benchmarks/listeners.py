@@ -78,7 +78,6 @@ def main() -> None:
     weights = base / "w.npz"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k not in ("CNNSQL_DSN", "CNNSQL_DB")}
     env.update(CNNSQL_HOME=str(home), CNNSQL_WEIGHTS=str(weights))
-    sys.path.insert(0, str(REPO))
     from cnnsql.models import weights as W
 
     W.save_weights(weights, W.random_weights(1).arrays, {"trained_by": "random"})

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnnsql.engines import get_engine  # noqa: E402
 from cnnsql.models.weights import random_weights, reference_forward  # noqa: E402

@@ -15,9 +15,7 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def child(weights: str, rows: int, stock: bool) -> dict:

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 FUNCTION = {"torch": "TorchCNN", "tensorflow": "TensorflowCNN", "velox": "VeloxCNN"}
 
