@@ -96,14 +96,9 @@ def test_a_views_schema_another_role_made_first_is_refused(target):
     name = f"squatb_{uuid.uuid4().hex[:8]}"
     squatter = f"squatter_{uuid.uuid4().hex[:6]}"
     env = {"CNNSQL_DB": name}
-    url = run_cli("db", "url", env=env).stdout.strip()
+    url = run_cli("db", "url", env=env).stdout.strip()  # makes the (empty) database
     import psycopg2
 
-    base = psycopg2.connect(run_cli("db", "url").stdout.strip())
-    base.autocommit = True
-    with base.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    base.close()
     with psycopg2.connect(url) as conn, conn.cursor() as cur:
         cur.execute(f'CREATE ROLE "{squatter}"')
         cur.execute(f'CREATE SCHEMA cnnsql_bytes AUTHORIZATION "{squatter}"')

@@ -240,6 +240,8 @@ class PrivateCluster:
         except OSError:
             return
         if current != HBA:
+            password = self.pgpass.read_text().splitlines()[0].rsplit(":", 1)[1]
+            self._write_pgpass(self.port, password)  # the socket's line first, then its rule
             self._write_hba()
             if self.status():
                 self._run(pg_bin("pg_ctl"), "-D", str(self.data), "reload", check=False)
@@ -268,9 +270,15 @@ class PrivateCluster:
         with safefs.open_append(self.data / "postgresql.conf") as f:
             f.write("\n# cnnsql private cluster\n" + conf)
         password = password or self.pgpass.read_text().splitlines()[0].rsplit(":", 1)[1]
-        safefs.write_private(self.pgpass, f"127.0.0.1:{port}:*:{SUPERUSER}:{password}\n"
-                                          f"localhost:{port}:*:{SUPERUSER}:{password}\n", 0o600)
+        self._write_pgpass(port, password)
         safefs.write_private(self.port_file, str(port), 0o644)
+
+    def _write_pgpass(self, port: int, password: str) -> None:
+        """The password for TCP (127.0.0.1, localhost) and for the socket folder (libpq matches a socket
+        outside the default folder by its path)."""
+        socket_host = str(self.socket_dir).replace("\\", "\\\\").replace(":", "\\:")
+        safefs.write_private(self.pgpass, "".join(f"{host}:{port}:*:{SUPERUSER}:{password}\n"
+                                                  for host in ("127.0.0.1", "localhost", socket_host)), 0o600)
 
     def _postmaster_pid(self) -> int | None:
         try:
@@ -358,7 +366,8 @@ class PrivateCluster:
         return True
 
     def conninfo(self, dbname: str) -> dict:
-        return {"host": str(self.socket_dir), "port": str(self.port), "user": SUPERUSER, "dbname": dbname}
+        return {"host": str(self.socket_dir), "port": str(self.port), "user": SUPERUSER, "dbname": dbname,
+                "passfile": str(self.pgpass)}
 
     def tcp_conninfo(self, dbname: str) -> dict:
         """Loopback connection; the password comes from the pgpass file (set PGPASSFILE)."""
