@@ -12,6 +12,7 @@ import pytest
 from cnnsql.core.errors import CnnsqlError
 from cnnsql.data import image_folder
 from conftest import REPO
+from test_hostile_input import PEAK_WRAPPER as PEAK  # the CLI reporting its own peak RSS
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -56,17 +57,6 @@ def test_a_file_growing_past_its_limit_while_read_is_refused(tmp_path, monkeypat
         image_folder.read_folder(root)
 
 
-PEAK = """
-import sys
-from cnnsql.cli.main import main
-try:
-    code = main(sys.argv[1:])
-finally:
-    with open('/proc/self/status') as f:
-        kb = next(l.split()[1] for l in f if l.startswith('VmHWM'))
-    print('peak-kb', kb, file=sys.stderr)
-sys.exit(code)
-"""
 
 
 @pytest.mark.integration
