@@ -180,9 +180,9 @@ def test_install_refuses_weights_the_server_user_cannot_read_and_changes_nothing
 def test_install_needs_a_superuser_and_says_so(installed):
     with fresh() as c, c.cursor() as cur:
         cur.execute("DROP ROLE IF EXISTS cnnsql_reader")
-        cur.execute("CREATE ROLE cnnsql_reader LOGIN")
+        cur.execute("CREATE ROLE cnnsql_reader LOGIN PASSWORD 'reader-only-pw'")  # the socket asks for it
     cluster = db.private_cluster()
-    dsn = f"host={cluster.socket_dir} port={cluster.port} dbname=cnnsql user=cnnsql_reader"
+    dsn = f"host={cluster.socket_dir} port={cluster.port} dbname=cnnsql user=cnnsql_reader password=reader-only-pw"
     proc = run_cli("db", "functions", "install", "--weights", str(installed), "--engines", "torch",
                    env={"CNNSQL_DSN": dsn}, check=False)
     assert proc.returncode == 1
