@@ -14,7 +14,7 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast peer-evadb bench-sql db-start db-stop shell report clean plpython chromium
+.PHONY: setup test test-fast test-data peer-evadb bench-sql db-start db-stop shell report clean plpython chromium
 # setup: the venv, and PL/Python for the in-PostgreSQL placement (installed as root with apt-get;
 # otherwise one line names the package to install). test also wants chromium for the report test.
 setup: $(STAMP) plpython
@@ -49,6 +49,11 @@ test: setup chromium
 # The inner loop: unit tests only (no database, no servers), under a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" tests
+
+# The tests whose path depends on which data is loaded (real CIFAR-10 or synthetic): loading, reloading,
+# bad archives, integrity under reloads, datasets. tests/newcomer.sh runs them on the newcomer's data.
+test-data: setup
+	$(BIN)/python -m pytest -q tests/test_foundation.py tests/test_bad_input.py tests/test_integrity.py tests/test_datasets.py
 
 # EvaDB's own test suite (v0.3.9, from ../shared/peer), stock and with cnnsql's patch: fails if the patch
 # breaks a test that passes on stock EvaDB. Its extra test packages go into the venv without their deps.

@@ -6,15 +6,16 @@
 #
 # ARCHIVE: CIFAR-10's cifar-10-python.tar.gz, given as CIFAR10_PATH as the README's Data section says.
 # Without it the newcomer has no CIFAR-10 and loads synthetic data first (`cnnsql load --synthetic`),
-# and the test suite runs on its synthetic path. The benchmark runs on a reduced setting (BENCH_ARGS);
-# NEWCOMER_TEST (default `test`) is the make target of the first test run, the second is `test-fast`.
+# and the tests run on its synthetic path. The benchmark runs on a reduced setting (BENCH_ARGS);
+# NEWCOMER_TEST is the make target of the first test run (default `test-data`, the tests whose path
+# depends on the data loaded; `test` for the whole suite), the second is `test-fast`.
 # Fails if any command fails, if the in-PostgreSQL columns are empty where PL/Python is installed, or
 # if a run changed a tracked file.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 archive="${1:-}"
 bench_args="${BENCH_ARGS:---limit 300 --sample 8 --repetitions 1 --warmup 1 --batch-sizes 16,64 --single-stream 5 --sql-single-stream 1}"
-first_test="${NEWCOMER_TEST:-test}"
+first_test="${NEWCOMER_TEST:-test-data}"
 
 work="$(mktemp -d /tmp/cnnsql-newcomer-XXXXXX)"
 chmod 711 "$work"  # as root the private cluster runs as 'postgres', which must reach the clone
