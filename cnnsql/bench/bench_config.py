@@ -45,7 +45,7 @@ class BenchConfig:
         if self.model and self.model.endswith(".npz"):
             return Path(self.model).absolute()
         if self.model in (None, model_spec.DEFAULT_MODEL) and dataset in (None, DEFAULT_DATASET):
-            return Path(os.environ.get("CNNSQL_WEIGHTS") or config.default_weights_dir() / "default.npz").absolute()
+            return config.default_weights().absolute()
         stem = self.model if self.model in model_spec.BUILTINS else Path(self.model or model_spec.DEFAULT_MODEL).stem
         return (config.default_weights_dir() / f"{dataset}-{stem}.npz").absolute()
 

@@ -35,5 +35,10 @@ def external_dsn() -> str | None:
     return None
 
 
+def default_weights() -> Path:
+    """The study CNN's weights on CIFAR-10: $CNNSQL_WEIGHTS or <state>/weights/default.npz."""
+    return Path(os.environ.get("CNNSQL_WEIGHTS") or default_weights_dir() / "default.npz")
+
+
 def default_weights_dir() -> Path:
     return state_dir() / "weights"

@@ -240,7 +240,7 @@ class PrivateCluster:
         except OSError:
             return
         if current != HBA:
-            password = self.pgpass.read_text().splitlines()[0].rsplit(":", 1)[1]
+            password = self._stored_password()
             self._write_pgpass(self.port, password)  # the socket's line first, then its rule
             self._write_hba()
             if self.status():
@@ -269,9 +269,12 @@ class PrivateCluster:
         conf += f"\nunix_socket_directories = '{self.socket_dir}'\nport = {port}\n"
         with safefs.open_append(self.data / "postgresql.conf") as f:
             f.write("\n# cnnsql private cluster\n" + conf)
-        password = password or self.pgpass.read_text().splitlines()[0].rsplit(":", 1)[1]
+        password = password or self._stored_password()
         self._write_pgpass(port, password)
         safefs.write_private(self.port_file, str(port), 0o644)
+
+    def _stored_password(self) -> str:
+        return self.pgpass.read_text().splitlines()[0].rsplit(":", 1)[1]
 
     def _write_pgpass(self, port: int, password: str) -> None:
         """The password for TCP (127.0.0.1, localhost) and for the socket folder (libpq matches a socket

@@ -12,9 +12,7 @@ pay for loading weights again.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,8 +34,7 @@ OUTPUTS = ["label", "class_name", "probability", "probs"]
 STATS: dict[str, dict[str, float]] = {}
 
 
-def default_weights() -> Path:
-    return Path(os.environ.get("CNNSQL_WEIGHTS") or config.default_weights_dir() / "default.npz")
+default_weights = config.default_weights
 
 
 def cached_engine(engine: str, weights: str, device: str, threads: int | None):

@@ -12,7 +12,6 @@ Everything happens in one transaction: a failed check leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import sysconfig
 import time
@@ -102,8 +101,7 @@ def sql_name(engine: str) -> str:
     return f"{engine.capitalize()}CNN"
 
 
-def default_weights() -> Path:
-    return Path(os.environ.get("CNNSQL_WEIGHTS") or config.default_weights_dir() / "default.npz")
+default_weights = config.default_weights
 
 
 def import_paths() -> list[str]:
