@@ -112,12 +112,46 @@ def test_no_import_cycles():
     assert cycles(edges) == []
 
 
+def shape_literals() -> list[str]:
+    """Code (not comments or docstrings) outside core/config.py that spells CIFAR-10's image shape."""
+    import re
+    pattern = re.compile(r"\(\s*3\s*,\s*32\s*,\s*32\s*\)|\b3072\b|\(\s*32\s*,\s*32\s*\)")
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).as_posix() == "core/config.py":
+            continue
+        source = path.read_text()
+        tree = ast.parse(source)
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Tuple, ast.Constant)) and id(node) not in docs:
+                text = repr(node.value) if isinstance(node, ast.Constant) else ast.get_source_segment(source, node) or ""
+                if pattern.search(text) and not (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                                                 and "\n" in node.value):
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {text[:60]}")
+    return found
+
+
+def test_the_image_shape_is_known_in_one_place():
+    """CIFAR-10's (3, 32, 32) lives in core/config.py only; the schema's byte check agrees with it."""
+    from cnnsql.core.config import CIFAR10_IMAGE_BYTES, CIFAR10_SHAPE
+
+    assert shape_literals() == []
+    assert CIFAR10_IMAGE_BYTES == CIFAR10_SHAPE[0] * CIFAR10_SHAPE[1] * CIFAR10_SHAPE[2]
+    schema = (PACKAGE / "sql" / "schema.sql") if (PACKAGE / "sql").is_dir() else PACKAGE.parent / "sql" / "schema.sql"
+    checks = [int(n) for n in __import__("re").findall(r"octet_length\(img\)\s*=\s*(\d+)", schema.read_text())]
+    assert checks and set(checks) == {CIFAR10_IMAGE_BYTES}
+
+
 if __name__ == "__main__":
     mods, edges = graph()
     largest = max(mods.items(), key=lambda kv: len(kv[1].read_text().splitlines()))
     print(f"modules {len(mods)}, layers {len(LAYERS)}, imports {sum(len(v) for v in edges.values())}, "
           f"cycles {len(cycles(edges))}, imports pointing up {len(upward(edges))}; largest module {largest[0]} "
-          f"({len(largest[1].read_text().splitlines())} lines)")
+          f"({len(largest[1].read_text().splitlines())} lines); image-shape literals outside core/config.py "
+          f"{len(shape_literals())}")
     for src, dst in upward(edges):
         print(f"  up: {src} -> {dst}")
     for c in cycles(edges):

@@ -15,6 +15,12 @@ SQL_DIR = PROJECT_DIR / "sql"              # the schema a psql user reads; db.en
 UDF_DIR = PROJECT_DIR / "evadb_udfs"       # what EvaDB loads its functions from
 
 
+# CIFAR-10's image shape (channels, height, width): the study's input and the only place the package
+# knows it (the dataset's schema, sql/schema.sql, checks its byte size; tests/test_layers.py checks both agree).
+CIFAR10_SHAPE = (3, 32, 32)
+CIFAR10_IMAGE_BYTES = CIFAR10_SHAPE[0] * CIFAR10_SHAPE[1] * CIFAR10_SHAPE[2]
+
+
 def state_dir() -> Path:
     """Project state (private cluster, downloads, EvaDB catalog, weights): $CNNSQL_HOME or ./.cnnsql."""
     return Path(os.environ.get("CNNSQL_HOME") or Path.cwd() / ".cnnsql").absolute()

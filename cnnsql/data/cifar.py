@@ -21,6 +21,7 @@ import numpy as np
 
 from cnnsql.core import config
 from cnnsql.core.errors import CnnsqlError
+from cnnsql.core.config import CIFAR10_IMAGE_BYTES
 
 TOP = "cifar-10-batches-py"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -46,7 +47,7 @@ MAX_ENTRIES = 32              # tar entries read before giving up (the official 
 CHUNK = 1 << 20
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 OPTIONAL_MEMBERS = {"readme.html"}
-IMAGE_BYTES = 3072
+IMAGE_BYTES = CIFAR10_IMAGE_BYTES
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),

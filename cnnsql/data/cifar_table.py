@@ -5,11 +5,12 @@ import numpy as np
 
 from cnnsql import db
 from cnnsql.data.cifar import IMAGE_BYTES
+from cnnsql.core.config import CIFAR10_SHAPE
 from cnnsql.core.errors import CnnsqlError
 
 
 def fetch_split(conn, split: str, limit: int | None = None, offset: int = 0):
-    """-> ids (N,), images uint8 (N, 3, 32, 32), labels (N,) ordered by id."""
+    """-> ids (N,), images uint8 (N, *CIFAR10_SHAPE), labels (N,) ordered by id."""
     if split not in ("train", "test"):
         raise CnnsqlError(f"unknown split {split!r}", "use 'train' or 'test'")
     db.require_tables(conn, "cifar_image", creator="cnnsql load")
@@ -22,7 +23,7 @@ def fetch_split(conn, split: str, limit: int | None = None, offset: int = 0):
         raise CnnsqlError(f"split {split!r} is empty", "run `cnnsql load` first")
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     labels = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
-    images = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.uint8).reshape(-1, 3, 32, 32)
+    images = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.uint8).reshape(-1, *CIFAR10_SHAPE)
     assert images.shape[0] * IMAGE_BYTES == sum(len(r[2]) for r in rows)
     return ids, images, labels
 

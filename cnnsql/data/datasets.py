@@ -20,6 +20,7 @@ from psycopg2.extras import execute_values
 
 from cnnsql import db
 from cnnsql.data import cifar_table
+from cnnsql.core.config import CIFAR10_SHAPE
 from cnnsql.core.errors import CnnsqlError
 from cnnsql.data.image_folder import FolderData, read_folder
 
@@ -178,7 +179,7 @@ def info(conn, name: str | None = None) -> DatasetInfo:
         if "test" not in meta:
             raise CnnsqlError("CIFAR-10 is not loaded", "run `cnnsql load` first")
         names = cifar_table.class_names(conn)
-        return DatasetInfo(DEFAULT, (3, 32, 32), names, meta.get("train", {}).get("n_rows", 0), meta["test"]["n_rows"],
+        return DatasetInfo(DEFAULT, CIFAR10_SHAPE, names, meta.get("train", {}).get("n_rows", 0), meta["test"]["n_rows"],
                            meta["test"]["kind"], cifar_table.dataset_version(conn))
     check_name(name)
     db.require_tables(conn, "image_dataset", creator="cnnsql load --images DIR --dataset NAME")

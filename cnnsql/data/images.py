@@ -5,16 +5,17 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnsql.core.config import CIFAR10_SHAPE
 from cnnsql.core.errors import CnnsqlError
 
 
 def to_cifar_bytes(path: str | Path) -> bytes:
-    """Decode an image (PNG, JPEG, ...), convert to RGB, resize to 32x32, return CHW uint8 bytes."""
+    """Decode an image (PNG, JPEG, ...), convert to RGB, resize to CIFAR-10's height and width, return CHW uint8 bytes."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+            rgb = im.convert("RGB").resize((CIFAR10_SHAPE[2], CIFAR10_SHAPE[1]), Image.Resampling.BILINEAR)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
         raise CnnsqlError(f"cannot read image {path}: {exc}", "give a PNG or JPEG file") from None
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).tobytes()

@@ -116,7 +116,7 @@ class Engine(ABC):
         return {"engine": self.name, "device": self.device, "threads": self.threads}
 
 
-def check_images(images: np.ndarray, shape: tuple[int, int, int] = (3, 32, 32)) -> np.ndarray:
+def check_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """uint8 (N, C, H, W) or (N, C*H*W) for the model's input `shape` -> (N, C, H, W)."""
     images = np.asarray(images)
     if images.dtype != np.uint8:

@@ -129,7 +129,7 @@ class VeloxEngine(Engine):
 
     def run_stage(self, images: np.ndarray, stage: str, width: int) -> np.ndarray:
         """The output column of `stage` (velox_plan.STAGES) per image, float32 (n, width)."""
-        images = check_images(images)
+        images = check_images(images, self.spec.input_shape)
         n = len(images)
         plan = vp.forward_plan(self._v.PlanBuilder, self._inputs(images), until=stage)
         drivers = max(1, min(self.drivers, n))

@@ -1,19 +1,34 @@
-"""A small, versioned description of a sequential CNN: what every engine builds and every weights file records.
+"""A small, versioned description of a CNN: what every engine builds and every weights file records.
 
-Format (version 1), stored as JSON under the weights manifest's "model" key:
+Format, stored as JSON under the weights manifest's "model" key:
 
     {"format": "cnnsql-model", "version": 1, "name": "study",
      "input": [channels, height, width],          # uint8 images, channel-major, scaled by 1/255
      "layers": [{"kind": "conv2d", "name": "conv1", "filters": 64, "kernel": 3, "stride": 1, "padding": "valid"},
                 {"kind": "relu"}, ...]}
 
+Version 1 is a chain: each layer reads the one before it. Version 2 is a graph: a layer may name its
+inputs ("inputs": ["name", ...], "input" being the image), any layer may have a name, and the kinds
+and fields marked (v2) below are allowed. A layer without "inputs" still reads the layer before it,
+so a version-1 description is a version-2 one. Layers are listed in execution order (inputs name
+earlier layers), every layer's output is used, and the last layer is the softmax of class scores.
+
 Layer kinds and their fields (defaults in brackets):
-    conv2d     name, filters, kernel (square), stride [1] (1 or 2), padding ["valid"] ("valid" or "same")
+    conv2d     name, filters, kernel (square), stride [1] (1 or 2), padding ["valid"] ("valid", "same", or
+               (v2) [top, bottom, left, right] zeros), groups [1] (v2; in and filters divisible by it:
+               groups = in channels is a depthwise convolution)
     relu
-    maxpool    kernel, stride [= kernel]; no padding, floor division (PyTorch and Keras "valid" agree)
-    avgpool    kernel, stride [= kernel]; as maxpool
+    relu6      (v2) min(max(x, 0), 6)
+    identity   (v2) its input
+    maxpool    kernel, stride [= kernel], padding [none] ((v2) [top, bottom, left, right], each < kernel;
+               padded cells never win); floor division (PyTorch and Keras "valid" agree)
+    avgpool    kernel, stride [= kernel], padding as maxpool; the mean over the window's cells inside the
+               map (padded cells are not counted: ONNX's and Keras' rule)
+    global_avgpool (v2) the mean of each channel: C x H x W -> C x 1 x 1
     batchnorm  name, eps [1e-5]; inference form y = (x - mean) / sqrt(var + eps) * gamma + beta,
                over channels (after conv) or features (after dense)
+    add        (v2) inputs (2 or more, equal shapes): their element-wise sum (a residual connection)
+    concat     (v2) inputs (2 or more): over channels (equal height and width), or features when flat
     flatten    (channel, row, column) order, as PyTorch's flatten of NCHW
     dense      name, units
     dropout    rate [0.5]; the identity at inference
@@ -23,7 +38,7 @@ Layer kinds and their fields (defaults in brackets):
 max((output - 1) * stride + kernel - input, 0), the smaller half before (top/left), the rest after.
 
 Parameters, named "<layer name>.<param>" in PyTorch layouts:
-    conv2d     weight (out, in, k, k), bias (out,)
+    conv2d     weight (out, in / groups, k, k), bias (out,)
     dense      weight (out, in), bias (out,); after flatten, `in` is ordered (c, h, w)
     batchnorm  weight (C,) = gamma, bias (C,) = beta, running_mean (C,), running_var (C,)
 
@@ -34,23 +49,32 @@ from __future__ import annotations
 
 import json
 import math
+
+import numpy as np
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from cnnsql.core.errors import CnnsqlError
+from cnnsql.core.config import CIFAR10_SHAPE
 
 FORMAT = "cnnsql-model"
-VERSION = 1
-KINDS = ("conv2d", "relu", "maxpool", "avgpool", "batchnorm", "flatten", "dense", "dropout", "softmax")
+VERSION = 2                  # the newest description this cnnsql reads (and writes for graphs)
+VERSIONS = (1, 2)
+KINDS_V1 = ("conv2d", "relu", "maxpool", "avgpool", "batchnorm", "flatten", "dense", "dropout", "softmax")
+KINDS = KINDS_V1 + ("relu6", "identity", "global_avgpool", "add", "concat")
+MERGES = ("add", "concat")   # the kinds with two or more inputs
 PADDINGS = ("valid", "same")
-MAX_LAYERS = 64
+INPUT = "input"              # the name by which layers read the image
+MAX_LAYERS = 512
 MAX_PARAMS = 64 << 20        # 64 M floats (256 MB float32), the weights file's own limit
 MAX_DIM = 4096               # input height/width and any layer width
 MAX_CHANNELS = 16            # input channels
 # The largest activation of one image (one layer's output, float32): what a backend or worker holds per
 # image in flight. 16 M floats = 64 MiB; the study CNN's largest is 57,600 floats, a 224x224 VGG's 3.2 M.
 MAX_ACTIVATION = 16 << 20
-# What the engines keep in flight per forward call: the images of a batch times the largest activation
+# The layer outputs alive at once (a graph holds its skip connections while a branch runs), per image
+MAX_LIVE_ACTIVATION = 4 * MAX_ACTIVATION
+# What the engines keep in flight per forward call: the images of a batch times the live activations
 MAX_BATCH_ACTIVATION = 256 << 20  # floats, 1 GiB float32
 
 
@@ -63,33 +87,67 @@ class Layer:
     filters: int | None = None      # conv2d
     kernel: int | None = None       # conv2d, maxpool, avgpool
     stride: int | None = None       # conv2d [1], maxpool/avgpool [= kernel]
-    padding: str | None = None      # conv2d ["valid"]
+    padding: str | tuple | None = None  # conv2d ["valid"]; (top, bottom, left, right) for conv2d and pools (v2)
     units: int | None = None        # dense
     eps: float | None = None        # batchnorm [1e-5]
     rate: float | None = None       # dropout [0.5]
+    groups: int | None = None       # conv2d [1] (v2)
+    inputs: tuple | None = None     # names of the layers read (v2); None: the layer before
+
+    def __post_init__(self):
+        for f in ("padding", "inputs"):
+            v = getattr(self, f)
+            if isinstance(v, list):
+                object.__setattr__(self, f, tuple(v))
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
+
+    @property
+    def v2(self) -> bool:
+        """Uses something version 1 does not have."""
+        return (self.kind not in KINDS_V1 or self.inputs is not None or isinstance(self.padding, tuple)
+                or (self.groups or 1) != 1 or (self.name is not None and not self.params))
 
     @property
     def params(self) -> bool:
         return self.kind in ("conv2d", "dense", "batchnorm")
 
 
-def conv2d(name: str, filters: int, kernel: int, stride: int = 1, padding: str = "valid") -> Layer:
-    return Layer("conv2d", name=name, filters=filters, kernel=kernel, stride=stride, padding=padding)
+def conv2d(name: str, filters: int, kernel: int, stride: int = 1, padding="valid", groups: int | None = None,
+           inputs=None) -> Layer:
+    return Layer("conv2d", name=name, filters=filters, kernel=kernel, stride=stride,
+                 padding=tuple(padding) if isinstance(padding, (list, tuple)) else padding,
+                 groups=None if groups in (None, 1) else groups, inputs=_names(inputs))
+
+
+def _names(inputs) -> tuple | None:
+    if inputs is None:
+        return None
+    return (inputs,) if isinstance(inputs, str) else tuple(inputs)
+
+
+def node(kind: str, name: str | None = None, inputs=None, **fields) -> Layer:
+    """Any layer of a graph, e.g. node("add", "b1", ["b1_bn2", "stem"])."""
+    return Layer(kind, name=name, inputs=_names(inputs), **fields)
 
 
 def dense(name: str, units: int) -> Layer:
     return Layer("dense", name=name, units=units)
 
 
-def maxpool(kernel: int, stride: int | None = None) -> Layer:
-    return Layer("maxpool", kernel=kernel, stride=stride or kernel)
+def maxpool(kernel: int, stride: int | None = None, padding=None) -> Layer:
+    return Layer("maxpool", kernel=kernel, stride=stride or kernel, padding=_pads(padding))
 
 
-def avgpool(kernel: int, stride: int | None = None) -> Layer:
-    return Layer("avgpool", kernel=kernel, stride=stride or kernel)
+def avgpool(kernel: int, stride: int | None = None, padding=None) -> Layer:
+    return Layer("avgpool", kernel=kernel, stride=stride or kernel, padding=_pads(padding))
+
+
+def _pads(padding) -> tuple | None:
+    if padding is None or padding == "valid" or (isinstance(padding, (list, tuple)) and not any(padding)):
+        return None
+    return tuple(padding)
 
 
 def batchnorm(name: str, eps: float = 1e-5) -> Layer:
@@ -101,6 +159,7 @@ def dropout(rate: float = 0.5) -> Layer:
 
 
 RELU, FLATTEN, SOFTMAX = Layer("relu"), Layer("flatten"), Layer("softmax")
+RELU6, IDENTITY, GLOBAL_AVGPOOL = Layer("relu6"), Layer("identity"), Layer("global_avgpool")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -111,10 +170,21 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def conv_padding(layer: Layer, h: int, w: int) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) padding of a conv2d layer on an h x w input."""
+    """(top, bottom, left, right) padding of a conv2d or pooling layer on an h x w input."""
+    if isinstance(layer.padding, tuple):
+        return tuple(int(v) for v in layer.padding)
     if layer.padding != "same":
         return 0, 0, 0, 0
     return (*same_padding(h, layer.kernel, layer.stride), *same_padding(w, layer.kernel, layer.stride))
+
+
+def pool_counts(layer: Layer, h: int, w: int) -> np.ndarray:
+    """Cells of each window of a padded avgpool inside the h x w map: (out_h, out_w) float64."""
+    top, bottom, left, right = conv_padding(layer, h, w)
+    inside = np.pad(np.ones((h, w)), ((top, bottom), (left, right)))
+    k, s = layer.kernel, layer.stride
+    oh, ow = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
+    return sum(inside[i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s] for i in range(k) for j in range(k))
 
 
 Shape = tuple[int, ...]  # (c, h, w) before flatten, (features,) after
@@ -411,14 +481,14 @@ def read_spec_file(path: str | Path) -> ModelSpec:
 
 # --- built-in models --------------------------------------------------------------------------------
 
-def study_cnn(input_shape=(3, 32, 32), num_classes: int = 10) -> ModelSpec:
+def study_cnn(input_shape=CIFAR10_SHAPE, num_classes: int = 10) -> ModelSpec:
     """The study's CNN: two 3x3 convolutions of 64, a 2x2 max-pool, dense 512, dense classes."""
     return ModelSpec("study", tuple(input_shape), (
         conv2d("conv1", 64, 3), RELU, conv2d("conv2", 64, 3), RELU, maxpool(2), FLATTEN,
         dense("fc1", 512), RELU, dense("fc2", num_classes), SOFTMAX))
 
 
-def lenet5(input_shape=(3, 32, 32), num_classes: int = 10) -> ModelSpec:
+def lenet5(input_shape=CIFAR10_SHAPE, num_classes: int = 10) -> ModelSpec:
     """LeNet-5 (LeCun et al. 1998) with ReLU and average pooling: 6 5x5, pool, 16 5x5, pool, 120, 84, classes.
     Needs inputs of at least 12x12 (the first convolution pads "same" so 28x28 images work, as in the paper)."""
     return ModelSpec("lenet5", tuple(input_shape), (
@@ -426,7 +496,7 @@ def lenet5(input_shape=(3, 32, 32), num_classes: int = 10) -> ModelSpec:
         dense("fc1", 120), RELU, dense("fc2", 84), RELU, dense("fc3", num_classes), SOFTMAX))
 
 
-def vgg_small(input_shape=(3, 32, 32), num_classes: int = 10) -> ModelSpec:
+def vgg_small(input_shape=CIFAR10_SHAPE, num_classes: int = 10) -> ModelSpec:
     """VGG-style: two blocks of conv-bn-relu, conv-bn-relu, max-pool (32 then 64 3x3 filters, "same"),
     then dense 256, dropout 0.5, dense classes."""
     return ModelSpec("vgg", tuple(input_shape), (
@@ -442,7 +512,7 @@ DEFAULT_MODEL = "study"
 STUDY = study_cnn()
 
 
-def builtin(name: str, input_shape=(3, 32, 32), num_classes: int = 10) -> ModelSpec:
+def builtin(name: str, input_shape=CIFAR10_SHAPE, num_classes: int = 10) -> ModelSpec:
     try:
         make = BUILTINS[name]
     except KeyError:
@@ -456,7 +526,7 @@ def resolve(model: str | None, input_shape=None, num_classes: int | None = None)
     when given) or a path to a description .json (which must then match them)."""
     model = model or DEFAULT_MODEL
     if model in BUILTINS:
-        return builtin(model, input_shape or (3, 32, 32), num_classes or 10)
+        return builtin(model, input_shape or CIFAR10_SHAPE, num_classes or 10)
     path = Path(model)
     if not path.is_file():
         raise CnnsqlError(f"unknown model {model!r} (not a built-in, no such file)",
