@@ -69,7 +69,7 @@ def test_bad_descriptions_are_named(layers, message):
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (lambda d: d.update(version=3), "version 3 is not supported"),
     (lambda d: d.update(format="keras"), "not a cnnsql model description"),
     (lambda d: d["layers"].insert(0, {"kind": "lstm"}), "unsupported kind 'lstm'"),
     (lambda d: d["layers"][0].update(dilation=2), "unknown fields"),
@@ -120,34 +120,47 @@ def test_reference_of_the_study_cnn_matches_the_old_one():
 
 
 def torch_functional(spec, arrays, x):
-    """A second, framework-built forward pass (torch.nn.functional, float64) to check the reference's
-    padding, strides, pooling and batch-norm against."""
+    """A second, framework-built forward pass (torch.nn.functional, float64) of any graph, to check the
+    reference's padding, strides, groups, pooling, batch-norm and merges against."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
-    t = torch.from_numpy(np.asarray(x, np.float64) / 255.0)
     a = {k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in arrays.items()}
-    for layer in spec.layers:
-        k = layer.kind
-        if k == "conv2d":
+    values = {-1: torch.from_numpy(np.asarray(x, np.float64) / 255.0)}
+    for j, layer in enumerate(spec.layers):
+        ins = [values[i] for i in spec.node_inputs(j)]
+        t, k = ins[0], layer.kind
+        if k in ("conv2d", "maxpool", "avgpool"):
             top, bottom, left, right = M.conv_padding(layer, t.shape[2], t.shape[3])
+        if k == "conv2d":
             t = F.conv2d(F.pad(t, (left, right, top, bottom)), a[f"{layer.name}.weight"], a[f"{layer.name}.bias"],
-                         stride=layer.stride)
+                         stride=layer.stride, groups=layer.groups or 1)
         elif k == "relu":
             t = F.relu(t)
+        elif k == "relu6":
+            t = F.relu6(t)
         elif k == "maxpool":
-            t = F.max_pool2d(t, layer.kernel, layer.stride)
+            t = F.max_pool2d(F.pad(t, (left, right, top, bottom), value=-float("inf")), layer.kernel, layer.stride)
         elif k == "avgpool":
-            t = F.avg_pool2d(t, layer.kernel, layer.stride)
+            pool = lambda v: F.avg_pool2d(F.pad(v, (left, right, top, bottom)), layer.kernel, layer.stride,  # noqa: E731
+                                          divisor_override=1)
+            t = pool(t) / pool(torch.ones_like(t))
+        elif k == "global_avgpool":
+            t = F.adaptive_avg_pool2d(t, 1)
         elif k == "batchnorm":
             p = lambda s: a[f"{layer.name}.{s}"]
             t = F.batch_norm(t, p("running_mean"), p("running_var"), p("weight"), p("bias"), False, 0.0, layer.eps)
+        elif k == "add":
+            t = sum(ins[1:], ins[0])
+        elif k == "concat":
+            t = torch.cat(ins, 1)
         elif k == "flatten":
             t = torch.flatten(t, 1)
         elif k == "dense":
             t = F.linear(t, a[f"{layer.name}.weight"], a[f"{layer.name}.bias"])
         elif k == "softmax":
             t = torch.softmax(t, 1)
-    return t.numpy()
+        values[j] = t
+    return values[len(spec.layers) - 1].numpy()
 
 
 ODD = M.ModelSpec("odd", (2, 15, 13), (
@@ -156,7 +169,28 @@ ODD = M.ModelSpec("odd", (2, 15, 13), (
     M.FLATTEN, M.dense("d1", 6), M.batchnorm("b2"), M.dropout(0.3), M.dense("d2", 4), M.SOFTMAX))
 
 
-@pytest.mark.parametrize("spec", [M.builtin(n) for n in sorted(M.BUILTINS)] + [ODD], ids=lambda s: s.name)
+# A graph using every layer kind and option: asymmetric and "same" padding, groups (depthwise and
+# grouped), padded max/avg pools, three branches concatenated over channels, a residual add, two
+# flattened branches concatenated over features with a batch norm between flatten and dense.
+EVERY = M.ModelSpec("every", (3, 9, 11), (
+    M.conv2d("c1", 8, 3, 1, (1, 2, 0, 1)), M.batchnorm("b1"), M.node("relu6", "r1"),
+    M.conv2d("dw", 8, 3, 2, "same", groups=8), M.conv2d("g2", 4, 1, groups=2),
+    M.node("maxpool", "mp", "r1", kernel=3, stride=2, padding=(1, 1, 1, 1)),
+    M.conv2d("p2", 4, 1),
+    M.node("avgpool", "ap", "r1", kernel=3, stride=2, padding=(0, 1, 1, 0)),
+    M.node("concat", "cat", ["g2", "p2", "ap"]), M.node("identity", "id"),
+    M.conv2d("sc", 16, 1, inputs="dw"), M.node("add", "sum", ["id", "sc"]), M.RELU,
+    M.conv2d("c3", 6, 2), M.node("global_avgpool", "gap"), M.node("flatten", "f1"),
+    M.node("flatten", "f2", "c3"), M.node("concat", "feat", ["f1", "f2"]), M.batchnorm("bf"),
+    M.dense("d1", 5), M.dropout(0.1), M.dense("d2", 4), M.SOFTMAX))
+
+
+def test_every_kind_is_in_the_test_graph():
+    assert {layer.kind for layer in EVERY.layers} == set(M.KINDS) and EVERY.version == 2
+    assert EVERY.shapes[8] == (16, 5, 5) and EVERY.shapes[14] == (6, 1, 1) and EVERY.shapes[17] == (102,)
+
+
+@pytest.mark.parametrize("spec", [M.builtin(n) for n in sorted(M.BUILTINS)] + [ODD, EVERY], ids=lambda s: s.name)
 def test_reference_matches_torch_functional(spec):
     w = W.random_weights(5, spec)
     x = images(4, spec.input_shape, seed=1)
@@ -226,3 +260,74 @@ def test_activations_are_bounded_at_validation_not_only_parameters():
     with pytest.raises(CnnsqlError, match=r"layer 0 \(conv2d\) outputs 4096x1024x1024 = 4,294,967,296 values"):
         M.from_dict(doc)
 
+
+
+def test_a_graph_round_trips_through_json_and_a_weights_file(tmp_path):
+    for spec in (EVERY, M.builtin("resnet20", (3, 8, 8), 4), M.builtin("mobilenet_small")):
+        d = json.loads(spec.to_json())
+        assert d["version"] == 2 and M.from_dict(d) == spec and M.from_dict(d).architecture() == spec.architecture()
+    w = W.random_weights(2, EVERY)
+    W.save_weights(tmp_path / "e.npz", w.arrays, w.manifest)
+    back = W.load_weights(tmp_path / "e.npz")
+    assert back.spec == EVERY and back.manifest["model"]["version"] == 2
+    assert back.arrays["dw.weight"].shape == (8, 1, 3, 3) and back.arrays["g2.weight"].shape == (4, 4, 1, 1)
+
+
+def test_version_one_files_read_as_a_chain():
+    d = M.builtin("vgg").to_dict()
+    assert d["version"] == 1 and all("inputs" not in layer for layer in d["layers"])
+    spec = M.from_dict({**d, "version": 2})
+    assert spec.is_chain and spec.layers == M.builtin("vgg").layers and spec.shapes == M.builtin("vgg").shapes
+
+
+def test_builtin_resnet20_and_mobilenet():
+    r = M.builtin("resnet20")
+    assert r.param_count() == 274_826 and not r.is_chain
+    assert sum(layer.kind == "add" for layer in r.layers) == 9
+    assert [r.shapes[i] for i, layer in enumerate(r.layers) if layer.kind == "add"][::3] == [
+        (16, 32, 32), (32, 16, 16), (64, 8, 8)]
+    m = M.builtin("mobilenet_small", (1, 28, 28), 4)
+    assert m.num_classes == 4 and any((layer.groups or 1) > 1 for layer in m.layers)
+
+
+def graph(*layers, shape=(2, 6, 6)):
+    return M.ModelSpec("g", shape, layers)
+
+
+@pytest.mark.parametrize("layers,message", [
+    ((M.conv2d("a", 4, 3), M.conv2d("b", 4, 1, inputs="input"), M.node("add", "s", ["a", "b"]), M.FLATTEN,
+      M.dense("d", 2), M.SOFTMAX), r"layer 2 \(add s\) adds 'a' \(4x4x4\) and 'b' \(4x6x6\): shapes differ"),
+    ((M.conv2d("a", 4, 3), M.node("concat", "c", ["a", "input"]), M.FLATTEN, M.dense("d", 2), M.SOFTMAX),
+     r"layer 1 \(concat c\) concatenates 'a' \(4x4x4\) and 'input' \(2x6x6\): only the channels"),
+    ((M.conv2d("a", 4, 3), M.node("relu", "r", "nope"), M.FLATTEN, M.dense("d", 2), M.SOFTMAX),
+     r"layer 1 \(relu r\) reads 'nope', which is not an earlier layer's name"),
+    ((M.conv2d("a", 4, 3), M.conv2d("b", 4, 3, inputs="input"), M.FLATTEN, M.dense("d", 2), M.SOFTMAX),
+     r"layer 0 \(conv2d a\): its output is never used"),
+    ((M.conv2d("a", 4, 3), M.node("add", "s"), M.FLATTEN, M.dense("d", 2), M.SOFTMAX), r"needs 'inputs'"),
+    ((M.conv2d("a", 4, 3, groups=3), M.FLATTEN, M.dense("d", 2), M.SOFTMAX), r"groups 3 must divide its 2 input"),
+    ((M.conv2d("a", 4, 3, 1, (1, 1, 1)), M.FLATTEN, M.dense("d", 2), M.SOFTMAX), r"padding must be \[top, bottom"),
+    ((M.maxpool(2, 2, (2, 0, 0, 0)), M.FLATTEN, M.dense("d", 2), M.SOFTMAX), r"integers 0..1, got \[2, 0, 0, 0\]"),
+    ((M.node("relu", "input"), M.FLATTEN, M.dense("d", 2), M.SOFTMAX), "unique identifier name"),
+    ((M.node("relu", "r", ["input", "input"]), M.FLATTEN, M.dense("d", 2), M.SOFTMAX), "reads one input, got 2"),
+])
+def test_bad_graphs_are_named(layers, message):
+    with pytest.raises(CnnsqlError, match=message) as exc:
+        graph(*layers)
+    assert "\n" not in str(exc.value)
+
+
+def test_version_one_refuses_graph_features():
+    d = M.builtin("resnet20").to_dict()
+    d["version"] = 1
+    with pytest.raises(CnnsqlError, match=r"layer 0 \(conv2d conv1\) needs description version 2"):
+        M.from_dict(d)
+
+
+def test_live_activations_of_a_graph_are_bounded():
+    """Every output within the per-layer bound, but five branches held for one add exceed the live one."""
+    big = M.MAX_ACTIVATION // (512 * 512)   # channels of one full-size output
+    layers = [M.conv2d(f"c{i}", big, 1, inputs="input") for i in range(5)]
+    layers += [M.node("add", "sum", [f"c{i}" for i in range(5)]), M.node("global_avgpool", "g"), M.FLATTEN,
+               M.dense("d", 2), M.SOFTMAX]
+    with pytest.raises(CnnsqlError, match=r"alive at once .* more than 67,108,864"):
+        M.ModelSpec("wide", (1, 512, 512), tuple(layers))

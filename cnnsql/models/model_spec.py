@@ -47,12 +47,13 @@ weights file written before this description existed are exactly its parameters.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-
-import numpy as np
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import numpy as np
 
 from cnnsql.core.errors import CnnsqlError
 from cnnsql.core.config import CIFAR10_SHAPE
@@ -195,13 +196,42 @@ class ModelSpec:
     name: str
     input_shape: tuple[int, int, int]     # (channels, height, width)
     layers: tuple[Layer, ...]
-    version: int = VERSION
+    version: int | None = None            # None: 1 for a chain of version-1 layers, else 2
     _shapes: tuple = field(default=(), compare=False, repr=False)
+    _inputs: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "input_shape", tuple(int(v) for v in self.input_shape))
         object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "_shapes", tuple(_infer(self)))
+        if self.version is None:
+            graph = any(getattr(layer, "v2", True) for layer in self.layers)
+            object.__setattr__(self, "version", 2 if graph else 1)
+        inputs, shapes = _infer(self)
+        object.__setattr__(self, "_inputs", tuple(inputs))
+        object.__setattr__(self, "_shapes", tuple(shapes))
+
+    # --- graph --------------------------------------------------------------------------------
+    @property
+    def is_chain(self) -> bool:
+        """Each layer reads the one before it (every version-1 description)."""
+        return all(ins == (i - 1,) for i, ins in enumerate(self._inputs))
+
+    def node_inputs(self, index: int) -> tuple[int, ...]:
+        """Indices of the layers that layer `index` reads (-1: the image)."""
+        return self._inputs[index]
+
+    def consumers(self) -> list[list[int]]:
+        """For each layer, the layers that read it, in order."""
+        out: list[list[int]] = [[] for _ in self.layers]
+        for j, ins in enumerate(self._inputs):
+            for i in ins:
+                if i >= 0:
+                    out[i].append(j)
+        return out
+
+    def node_id(self, index: int) -> str:
+        """The layer's name, else '#index' (unique: names are identifiers)."""
+        return self.layers[index].name or f"#{index}"
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -219,23 +249,19 @@ class ModelSpec:
         c, h, w = self.input_shape
         return c * h * w
 
+    def shape_of(self, index: int) -> Shape:
+        """Output shape of layer `index`; -1: the image."""
+        return self.input_shape if index < 0 else self._shapes[index]
+
     def input_shapes(self) -> tuple[Shape, ...]:
-        """Input shape of each layer."""
-        return (self.input_shape, *self._shapes[:-1])
+        """Input shape of each layer (its first input's, for add and concat)."""
+        return tuple(self.shape_of(ins[0]) for ins in self._inputs)
 
     # --- parameters ---------------------------------------------------------------------------
     def layer_params(self, index: int) -> dict[str, tuple[int, ...]]:
         """Parameter name -> shape of layer `index` (PyTorch layouts; empty for layers without)."""
         layer, shape_in = self.layers[index], self.input_shapes()[index]
-        if layer.kind == "conv2d":
-            k = layer.kernel
-            return {f"{layer.name}.weight": (layer.filters, shape_in[0], k, k), f"{layer.name}.bias": (layer.filters,)}
-        if layer.kind == "dense":
-            return {f"{layer.name}.weight": (layer.units, shape_in[0]), f"{layer.name}.bias": (layer.units,)}
-        if layer.kind == "batchnorm":
-            c = (shape_in[0],)
-            return {f"{layer.name}.{p}": c for p in ("weight", "bias", "running_mean", "running_var")}
-        return {}
+        return {f"{layer.name}.{p}": shape for p, shape in _params_of(layer, shape_in).items()}
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter name -> shape, in layer order."""
@@ -248,20 +274,36 @@ class ModelSpec:
         """Values in the largest layer output of one image (bounded by MAX_ACTIVATION at validation)."""
         return max([math.prod(self.input_shape)] + [math.prod(s) for s in self._shapes])
 
+    def peak_activation(self) -> int:
+        """Values alive at once for one image, running the layers in order: each layer's inputs and
+        output, and every earlier output a later layer still reads (bounded by MAX_LIVE_ACTIVATION)."""
+        return _peak_live(self.input_shape, self._shapes, self._inputs)
+
     def param_count(self) -> int:
         return sum(math.prod(s) for s in self.param_shapes().values())
 
     # --- names --------------------------------------------------------------------------------
     def architecture(self) -> str:
-        """A one-line summary; for the study's CNN exactly the string older manifests carry."""
-        return "-".join(_summary(layer) for layer in self.layers)
+        """A one-line summary; for the study's CNN exactly the string older manifests carry. A graph's
+        layers say their name and inputs, e.g. b1_add=add(b1_bn2,stem)."""
+        if self.version == 1:
+            return "-".join(_summary(layer) for layer in self.layers)
+        parts = []
+        for i, layer in enumerate(self.layers):
+            ins = ",".join(self.node_id(j) if j >= 0 else INPUT for j in self._inputs[i])
+            parts.append(f"{self.node_id(i)}={_summary(layer)}({ins})")
+        return "-".join(parts)
 
     def describe(self) -> list[str]:
-        """One line per layer: kind, fields, output shape, parameter count."""
+        """One line per layer: kind, fields, (for graphs: name and inputs,) output shape, parameter count."""
         lines = [f"{self.name} (cnnsql model v{self.version}): input {'x'.join(map(str, self.input_shape))}"]
         for i, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
             n = sum(math.prod(s) for s in self.layer_params(i).values())
-            lines.append(f"  {_summary(layer):<16} -> {'x'.join(map(str, shape)):<12} {n:>10,} params")
+            what = _summary(layer)
+            if not self.is_chain:
+                ins = ",".join(self.node_id(j) if j >= 0 else INPUT for j in self._inputs[i])
+                what = f"{self.node_id(i)} = {what}({ins})"
+            lines.append(f"  {what:<16} -> {'x'.join(map(str, shape)):<12} {n:>10,} params")
         lines.append(f"  total {self.param_count():,} parameters, {self.num_classes} classes")
         return lines
 
@@ -278,16 +320,33 @@ class ModelSpec:
         layers = list(self.layers)
         if num_classes is not None:
             last = max(i for i, layer in enumerate(layers) if layer.kind == "dense")
-            layers[last] = dense(layers[last].name, num_classes)
+            layers[last] = dataclasses.replace(layers[last], units=num_classes)
         return ModelSpec(self.name, tuple(input_shape or self.input_shape), tuple(layers), self.version)
+
+
+def _peak_live(input_shape, shapes, inputs) -> int:
+    sizes = [math.prod(s) for s in shapes]
+    last_use = {-1: 0}
+    for j, ins in enumerate(inputs):
+        for i in ins:
+            last_use[i] = j
+    peak = 0
+    for j in range(len(shapes)):
+        alive = sizes[j] + sum(math.prod(input_shape) if i < 0 else sizes[i]
+                               for i, last in last_use.items() if i < j and last >= j)
+        peak = max(peak, alive)
+    return peak
 
 
 def _summary(layer: Layer) -> str:
     if layer.kind == "conv2d":
+        pad = layer.padding
+        pad = ("same" if pad == "same" else "") if not isinstance(pad, tuple) else "p" + "_".join(map(str, pad))
         return (f"conv{layer.filters}k{layer.kernel}" + (f"s{layer.stride}" if layer.stride != 1 else "")
-                + ("same" if layer.padding == "same" else ""))
+                + pad + (f"g{layer.groups}" if (layer.groups or 1) != 1 else ""))
     if layer.kind in ("maxpool", "avgpool"):
-        return f"{layer.kind}{layer.kernel}" + (f"s{layer.stride}" if layer.stride != layer.kernel else "")
+        return (f"{layer.kind}{layer.kernel}" + (f"s{layer.stride}" if layer.stride != layer.kernel else "")
+                + ("p" + "_".join(map(str, layer.padding)) if isinstance(layer.padding, tuple) else ""))
     if layer.kind == "dense":
         return f"dense{layer.units}"
     if layer.kind == "flatten":
@@ -303,6 +362,10 @@ def _bad(spec_name: str, problem: str, hint: str = "see README 'Model descriptio
     return CnnsqlError(f"model {spec_name!r}: {problem}", hint)
 
 
+def _where(i: int, layer: Layer) -> str:
+    return f"layer {i} ({layer.kind}{' ' + layer.name if isinstance(layer.name, str) else ''})"
+
+
 def _positive(spec: ModelSpec, i: int, layer: Layer, field_name: str, limit: int = MAX_DIM) -> int:
     v = getattr(layer, field_name)
     if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
@@ -310,13 +373,14 @@ def _positive(spec: ModelSpec, i: int, layer: Layer, field_name: str, limit: int
     return v
 
 
-def _infer(spec: ModelSpec) -> list[Shape]:
-    """Validate the description and return each layer's output shape. Raises CnnsqlError naming the layer."""
+def _infer(spec: ModelSpec) -> tuple[list[tuple[int, ...]], list[Shape]]:
+    """Validate the description; return each layer's inputs (indices, -1 the image) and output shape.
+    Raises CnnsqlError naming the layer."""
     if not isinstance(spec.name, str) or not 0 < len(spec.name) <= 100:
         raise _bad(str(spec.name)[:100], "name must be a string of 1..100 characters")
-    if spec.version != VERSION:
-        raise _bad(spec.name, f"description version {spec.version!r} is not supported (this cnnsql reads {VERSION})",
-                   "upgrade cnnsql or re-export the model")
+    if spec.version not in VERSIONS:
+        raise _bad(spec.name, f"description version {spec.version!r} is not supported (this cnnsql reads "
+                   f"{', '.join(map(str, VERSIONS))})", "upgrade cnnsql or re-export the model")
     if len(spec.input_shape) != 3:
         raise _bad(spec.name, f"input must be [channels, height, width], got {list(spec.input_shape)}")
     c, h, w = spec.input_shape
@@ -326,48 +390,123 @@ def _infer(spec: ModelSpec) -> list[Shape]:
         raise _bad(spec.name, f"has {len(spec.layers)} layers (1..{MAX_LAYERS})")
     if spec.layers[-1].kind != "softmax":
         raise _bad(spec.name, "the last layer must be softmax", "append {\"kind\": \"softmax\"}")
-    names: set[str] = set()
-    shape: Shape = (c, h, w)
+    names: dict[str, int] = {}
     out: list[Shape] = []
+    inputs: list[tuple[int, ...]] = []
+    used: set[int] = set()
     params = 0
     for i, layer in enumerate(spec.layers):
         if not isinstance(layer, Layer) or layer.kind not in KINDS:
             kind = getattr(layer, "kind", layer)
             raise _bad(spec.name, f"layer {i} has unsupported kind {kind!r}", f"supported: {', '.join(KINDS)}")
-        if layer.params:
-            if not isinstance(layer.name, str) or not layer.name.isidentifier() or layer.name in names:
+        if spec.version == 1 and layer.v2:
+            raise _bad(spec.name, f"{_where(i, layer)} needs description version 2 (graph inputs, names of "
+                       "layers without parameters, groups, explicit padding or a version-2 kind)",
+                       "set \"version\": 2")
+        if layer.params or layer.name is not None:
+            if not isinstance(layer.name, str) or not layer.name.isidentifier() or layer.name in names \
+                    or layer.name == INPUT:
                 raise _bad(spec.name, f"layer {i} ({layer.kind}) needs a unique identifier name, got {layer.name!r}")
-            names.add(layer.name)
-        shape = _layer_shape(spec, i, layer, shape)
+        ins = _resolve_inputs(spec, i, layer, names)
+        used.update(ins)
+        shapes_in = [spec.input_shape if j < 0 else out[j] for j in ins]
+        if layer.kind in MERGES:
+            shape = _merge_shape(spec, i, layer, shapes_in, ins)
+        else:
+            shape = _layer_shape(spec, i, layer, shapes_in[0])
         if math.prod(shape) > MAX_ACTIVATION:
             raise _bad(spec.name, f"layer {i} ({layer.kind}) outputs {'x'.join(map(str, shape))} = "
                        f"{math.prod(shape):,} values per image, more than {MAX_ACTIVATION:,} (64 MiB)",
                        "use smaller images (cnnsql load --size), fewer filters or a stride")
         out.append(shape)
-        params += sum(math.prod(s) for s in _params_of(layer, out[-2] if i else spec.input_shape).values())
+        inputs.append(ins)
+        if layer.name is not None:
+            names[layer.name] = i
+        params += sum(math.prod(s) for s in _params_of(layer, shapes_in[0]).values())
         if params > MAX_PARAMS:
             raise _bad(spec.name, f"has more than {MAX_PARAMS:,} parameters", "cnnsql runs small CNNs")
+    unused = [j for j in range(len(out) - 1) if j not in used]
+    if unused:
+        raise _bad(spec.name, f"{_where(unused[0], spec.layers[unused[0]])}: its output is never used",
+                   "remove it, or name it in a later layer's inputs")
+    shape = out[-1]
     if len(shape) != 1:
         raise _bad(spec.name, f"ends with a {'x'.join(map(str, shape))} map, not class scores",
                    "add flatten and a dense layer before softmax")
     if shape[0] < 2:
         raise _bad(spec.name, "must have at least 2 classes")
-    return out
+    live = _peak_live(spec.input_shape, out, inputs)
+    if live > MAX_LIVE_ACTIVATION:
+        raise _bad(spec.name, f"holds {live:,} values per image alive at once (layer outputs still read by later "
+                   f"layers), more than {MAX_LIVE_ACTIVATION:,} (256 MiB)", "use smaller images or fewer branches")
+    return inputs, out
+
+
+def _resolve_inputs(spec: ModelSpec, i: int, layer: Layer, names: dict[str, int]) -> tuple[int, ...]:
+    if layer.inputs is None:
+        if layer.kind in MERGES:
+            raise _bad(spec.name, f"{_where(i, layer)} needs 'inputs': the names of the layers it merges")
+        return (i - 1,)
+    if not isinstance(layer.inputs, tuple) or not layer.inputs or len(layer.inputs) > 64 \
+            or not all(isinstance(n, str) for n in layer.inputs):
+        raise _bad(spec.name, f"{_where(i, layer)} 'inputs' must be a list of 1..64 layer names")
+    if layer.kind in MERGES and len(layer.inputs) < 2:
+        raise _bad(spec.name, f"{_where(i, layer)} merges 2 or more inputs, got {len(layer.inputs)}")
+    if layer.kind not in MERGES and len(layer.inputs) != 1:
+        raise _bad(spec.name, f"{_where(i, layer)} reads one input, got {len(layer.inputs)}",
+                   "use add or concat to merge branches")
+    out = []
+    for n in layer.inputs:
+        if n == INPUT:
+            out.append(-1)
+        elif n in names:
+            out.append(names[n])
+        else:
+            raise _bad(spec.name, f"{_where(i, layer)} reads {n[:60]!r}, which is not an earlier layer's name",
+                       "list layers in execution order; 'input' is the image")
+    return tuple(out)
+
+
+def _merge_shape(spec: ModelSpec, i: int, layer: Layer, shapes: list[Shape], ins) -> Shape:
+    label = lambda j: INPUT if ins[j] < 0 else spec.layers[ins[j]].name or f"layer {ins[j]}"  # noqa: E731
+    dims = lambda s: "x".join(map(str, s))  # noqa: E731
+    first = shapes[0]
+    for j, s in enumerate(shapes[1:], 1):
+        if layer.kind == "add" and s != first:
+            raise _bad(spec.name, f"{_where(i, layer)} adds {label(0)!r} ({dims(first)}) and {label(j)!r} ({dims(s)}): "
+                       "shapes differ", "a residual needs a projection (1x1 conv2d with stride) where shapes change")
+        if layer.kind == "concat" and (len(s) != len(first) or s[1:] != first[1:]):
+            raise _bad(spec.name, f"{_where(i, layer)} concatenates {label(0)!r} ({dims(first)}) and "
+                       f"{label(j)!r} ({dims(s)}): only the channels may differ")
+    if layer.kind == "add":
+        return first
+    return (sum(s[0] for s in shapes), *first[1:])
 
 
 def _params_of(layer: Layer, shape_in: Shape) -> dict[str, tuple[int, ...]]:
     if layer.kind == "conv2d":
-        return {"w": (layer.filters, shape_in[0], layer.kernel, layer.kernel), "b": (layer.filters,)}
+        k = layer.kernel
+        return {"weight": (layer.filters, shape_in[0] // (layer.groups or 1), k, k), "bias": (layer.filters,)}
     if layer.kind == "dense":
-        return {"w": (layer.units, shape_in[0]), "b": (layer.units,)}
+        return {"weight": (layer.units, shape_in[0]), "bias": (layer.units,)}
     if layer.kind == "batchnorm":
-        return {"p": (4, shape_in[0])}
+        c = (shape_in[0],)
+        return {p: c for p in ("weight", "bias", "running_mean", "running_var")}
     return {}
+
+
+def _check_pads(spec: ModelSpec, i: int, layer: Layer, limit: int) -> tuple[int, int, int, int]:
+    p = layer.padding
+    if not (isinstance(p, tuple) and len(p) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limit for v in p)):
+        raise _bad(spec.name, f"{_where(i, layer)} padding must be [top, bottom, left, right] of integers "
+                   f"0..{limit}, got {list(p) if isinstance(p, tuple) else p!r}")
+    return p
 
 
 def _layer_shape(spec: ModelSpec, i: int, layer: Layer, shape: Shape) -> Shape:
     kind = layer.kind
-    if kind in ("relu", "dropout", "batchnorm"):
+    if kind in ("relu", "dropout", "batchnorm", "relu6", "identity"):
         if kind == "dropout" and not (isinstance(layer.rate, (int, float)) and 0 <= layer.rate < 1):
             raise _bad(spec.name, f"layer {i} (dropout) rate must be in [0, 1), got {layer.rate!r}")
         if kind == "batchnorm" and not (isinstance(layer.eps, (int, float)) and 0 < layer.eps < 1):
@@ -376,6 +515,9 @@ def _layer_shape(spec: ModelSpec, i: int, layer: Layer, shape: Shape) -> Shape:
     if kind == "softmax":
         if i != len(spec.layers) - 1:
             raise _bad(spec.name, f"layer {i}: softmax is allowed only as the last layer")
+        if len(shape) != 1:
+            raise _bad(spec.name, f"ends with a {'x'.join(map(str, shape))} map, not class scores",
+                       "add flatten and a dense layer before softmax")
         return shape
     if kind == "flatten":
         return (math.prod(shape),)
@@ -389,21 +531,33 @@ def _layer_shape(spec: ModelSpec, i: int, layer: Layer, shape: Shape) -> Shape:
         raise _bad(spec.name, f"layer {i} ({kind}) needs a channels x height x width input, got {shape}",
                    "spatial layers come before flatten")
     c, h, w = shape
+    if kind == "global_avgpool":
+        return (c, 1, 1)
     k = _positive(spec, i, layer, "kernel", 64)
     s = _positive(spec, i, layer, "stride", 64)
     if kind == "conv2d":
         _positive(spec, i, layer, "filters", 4096)
         if s not in (1, 2):
             raise _bad(spec.name, f"layer {i} (conv2d {layer.name}) stride must be 1 or 2, got {s}")
-        if layer.padding not in PADDINGS:
-            raise _bad(spec.name, f"layer {i} (conv2d {layer.name}) padding must be 'valid' or 'same', got {layer.padding!r}")
+        g = layer.groups if layer.groups is not None else 1
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1 or c % g or layer.filters % g:
+            raise _bad(spec.name, f"{_where(i, layer)} groups {g!r} must divide its {c} input channels and "
+                       f"{layer.filters} filters", "groups = input channels is a depthwise convolution")
         if layer.padding == "same":
             return (layer.filters, -(-h // s), -(-w // s))
+        if isinstance(layer.padding, tuple):
+            top, bottom, left, right = _check_pads(spec, i, layer, 64)
+            h, w = h + top + bottom, w + left + right
+        elif layer.padding != "valid":
+            raise _bad(spec.name, f"layer {i} (conv2d {layer.name}) padding must be 'valid' or 'same', got {layer.padding!r}")
         oh, ow = (h - k) // s + 1, (w - k) // s + 1
         if h < k or w < k:
             raise _bad(spec.name, f"layer {i} (conv2d {layer.name}) kernel {k} is larger than its {h}x{w} input",
                        "use padding 'same', a smaller kernel, or larger images (cnnsql load --size)")
         return (layer.filters, oh, ow)
+    if layer.padding is not None:
+        top, bottom, left, right = _check_pads(spec, i, layer, k - 1)
+        h, w = h + top + bottom, w + left + right
     if h < k or w < k:
         raise _bad(spec.name, f"layer {i} ({kind}) window {k} is larger than its {h}x{w} input",
                    "use fewer pooling layers or larger images (cnnsql load --size)")
@@ -420,9 +574,9 @@ def from_dict(d: dict, source: str = "model description") -> ModelSpec:
         raise CnnsqlError(f"{source}: not a cnnsql model description (format {d.get('format')!r}, expected {FORMAT!r})",
                           "see README 'Model description'")
     version = d.get("version")
-    if version != VERSION:
-        raise CnnsqlError(f"{source}: model description version {version!r} is not supported (this cnnsql reads {VERSION})",
-                          "upgrade cnnsql or re-export the model")
+    if version not in VERSIONS or isinstance(version, bool):
+        raise CnnsqlError(f"{source}: model description version {version if isinstance(version, int) else repr(str(version)[:20])} is not supported "
+                          f"(this cnnsql reads {', '.join(map(str, VERSIONS))})", "upgrade cnnsql or re-export the model")
     raw_layers = d.get("layers")
     inp = d.get("input")
     if not isinstance(raw_layers, list) or not isinstance(inp, list) or not all(
@@ -442,6 +596,9 @@ def from_dict(d: dict, source: str = "model description") -> ModelSpec:
         if unknown:
             raise CnnsqlError(f"{source}: layer {i} ({raw['kind']}) has unknown fields {sorted(unknown)}",
                               "see README 'Model description'")
+        for key in ("padding", "inputs"):
+            if isinstance(raw.get(key), list) and len(raw[key]) > 64:
+                raise CnnsqlError(f"{source}: layer {i} ({raw['kind']}) field {key!r} has {len(raw[key])} entries")
         layers.append(_with_defaults(Layer(**raw)))
     try:
         return ModelSpec(str(d.get("name", "model")), tuple(inp), tuple(layers), version)
@@ -507,7 +664,49 @@ def vgg_small(input_shape=CIFAR10_SHAPE, num_classes: int = 10) -> ModelSpec:
         dense("fc1", 256), RELU, dropout(0.5), dense("fc2", num_classes), SOFTMAX))
 
 
-BUILTINS = {"study": study_cnn, "lenet5": lenet5, "vgg": vgg_small}
+def resnet20(input_shape=CIFAR10_SHAPE, num_classes: int = 10) -> ModelSpec:
+    """The CIFAR ResNet-20 of He et al. (2016, section 4.2): a 3x3 conv of 16, then 3 stages of 3 basic
+    blocks (two 3x3 conv-bn, the block's input added before the second relu) of 16, 32 and 64
+    filters, the first block of stages 2 and 3 at stride 2; global average pooling, dense classes.
+    Shortcuts where the shape changes are option B (a 1x1 conv of stride 2 and batch norm, as in
+    torchvision's ResNets), elsewhere the identity. Convolutions pad 1 on every side, as PyTorch's.
+    0.27 M parameters at 10 classes (convolution biases included: the weights file's conv2d has one)."""
+    pad = (1, 1, 1, 1)
+    layers = [conv2d("conv1", 16, 3, 1, pad), batchnorm("bn1"), node("relu", "stem")]
+    prev, channels = "stem", 16
+    for stage, filters in enumerate((16, 32, 64), 1):
+        for block in range(3):
+            b = f"s{stage}b{block}"
+            stride = 2 if stage > 1 and block == 0 else 1
+            layers += [conv2d(f"{b}_conv1", filters, 3, stride, pad, inputs=prev), batchnorm(f"{b}_bn1"), RELU,
+                       conv2d(f"{b}_conv2", filters, 3, 1, pad), batchnorm(f"{b}_bn2")]
+            short = prev
+            if stride != 1 or filters != channels:
+                layers += [conv2d(f"{b}_down", filters, 1, stride, inputs=prev), batchnorm(f"{b}_down_bn")]
+                short = f"{b}_down_bn"
+            layers += [node("add", f"{b}_add", [f"{b}_bn2", short]), node("relu", b)]
+            prev, channels = b, filters
+    layers += [GLOBAL_AVGPOOL, FLATTEN, dense("fc", num_classes), SOFTMAX]
+    return ModelSpec("resnet20", tuple(input_shape), tuple(layers))
+
+
+def mobilenet_small(input_shape=CIFAR10_SHAPE, num_classes: int = 10) -> ModelSpec:
+    """A small MobileNet (Howard et al. 2017) for 32x32 images: a 3x3 conv of 32, then five
+    depthwise-separable blocks (3x3 depthwise conv-bn-relu6, 1x1 conv-bn-relu6) to 64, 128 (stride
+    2), 128, 256 (stride 2), 256 channels; global average pooling, dropout 0.2, dense classes."""
+    pad = (1, 1, 1, 1)
+    layers = [conv2d("conv1", 32, 3, 1, pad), batchnorm("bn1"), RELU6]
+    channels = 32
+    for i, (filters, stride) in enumerate(((64, 1), (128, 2), (128, 1), (256, 2), (256, 1)), 1):
+        layers += [conv2d(f"dw{i}", channels, 3, stride, pad, groups=channels), batchnorm(f"dw{i}_bn"), RELU6,
+                   conv2d(f"pw{i}", filters, 1), batchnorm(f"pw{i}_bn"), RELU6]
+        channels = filters
+    layers += [GLOBAL_AVGPOOL, FLATTEN, dropout(0.2), dense("fc", num_classes), SOFTMAX]
+    return ModelSpec("mobilenet_small", tuple(input_shape), tuple(layers))
+
+
+BUILTINS = {"study": study_cnn, "lenet5": lenet5, "vgg": vgg_small, "resnet20": resnet20,
+            "mobilenet_small": mobilenet_small}
 DEFAULT_MODEL = "study"
 STUDY = study_cnn()
 
