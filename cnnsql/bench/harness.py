@@ -168,15 +168,9 @@ class Bench:
             runs = {s.key: stack.enter_context(results.logged_run(self.conn, self.session,
                                                                   **{**base, "n_rows": s.n_images, **s.spec}))
                     for s in phase.sides}
-            for _ in range(phase.warmup):
-                for s in phase.sides:
-                    (s.warm or s.call)()
-            last = {}
-            with stats.Clock((phase.monitor_pid, self.server_pid)) as clock:
-                for _ in range(phase.reps):
-                    for s in phase.sides:
-                        with monitors[s.key]:
-                            last[s.key] = clock.time(s.key, s.call)
+            clock, last = stats.interleave({s.key: s.call for s in phase.sides}, phase.reps, phase.warmup,
+                                           (phase.monitor_pid, self.server_pid), around=monitors.__getitem__,
+                                           warm={s.key: s.warm for s in phase.sides if s.warm})
             out = {s.key: self._figures(s, clock, monitors[s.key]) for s in phase.sides}
             self.noise += [{"noisy": o["noisy"], **{k: o["detail"][k] for k in ("others_cpu_share", "spread",
                                                                                "noise_reasons")}}

@@ -197,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    from cnnsql.cli import bench_cli
+    from cnnsql.cli import bench_cli, study_cli
     from cnnsql.engines import importer
 
-    return [*bench_cli.REGISTER, importer.register]
+    return [*bench_cli.REGISTER, study_cli.register_study, importer.register]
 
 
 def main(argv: list[str] | None = None) -> int:

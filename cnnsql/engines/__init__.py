@@ -13,6 +13,19 @@ ENGINES = {
     "velox": "cnnsql.engines.velox_engine:VeloxEngine",
 }
 
+# Per-framework settings the studies compare (`cnnsql study raw_speed`): label -> constructor options.
+# "default" is what every placement runs. chunk=None: a whole batch in one framework call.
+VARIANTS = {
+    "torch": {"eager NCHW, inference_mode": {"mode": "eager", "chunk": None},
+              "channels_last": {"mode": "channels_last", "chunk": None},
+              "default": {},
+              "torch.compile, 64-chunks": {"mode": "compile"}},
+    "tensorflow": {"tf.function": {"chunk": None},
+                   "default": {},
+                   "tf.function + XLA, 64-chunks": {"jit_compile": True}},
+    "velox": {"default": {}},
+}
+
 
 def engine_class(name: str) -> type[Engine]:
     try:
@@ -27,4 +40,4 @@ def get_engine(name: str, weights: Weights, **kwargs) -> Engine:
     return engine_class(name)(weights, **kwargs)
 
 
-__all__ = ["ENGINES", "Engine", "engine_class", "get_engine"]
+__all__ = ["ENGINES", "VARIANTS", "Engine", "engine_class", "get_engine"]

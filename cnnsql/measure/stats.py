@@ -190,3 +190,34 @@ class Clock:
                            f"{100 * NOISY_SPREAD:.0f}%)")
         return {"noisy": bool(reasons), "others_cpu_share": round(share, 4), "spread": round(sp, 4),
                 "noise_reasons": reasons, **({"noise_not_judged": reasons_not[0]} if reasons_not else {})}
+
+
+def interleave(calls: dict, reps: int, warmup: int = 1, roots: tuple[int, ...] = (), around=None,
+               warm: dict | None = None):
+    """The one timing loop of every measurement (`cnnsql bench` phases and the studies): `warmup` untimed
+    rounds (each call's `warm[key]` or the call itself), then `reps` rounds of one call of each key in
+    turn, so drift on a shared machine hits every side alike. `around(key)` (optional) gives a context
+    entered around each timed call (a resource monitor). -> (Clock, {key: the last call's output})."""
+    from contextlib import nullcontext
+
+    warm = warm or {}
+    for _ in range(warmup):
+        for key, call in calls.items():
+            warm.get(key, call)()
+    last = {}
+    with Clock(roots) as clock:
+        for _ in range(reps):
+            for key, call in calls.items():
+                with (around(key) if around else nullcontext()):
+                    last[key] = clock.time(key, call)
+    return clock, last
+
+
+def timing(clock: Clock, key: str, n_items: int = 1, judge_spread: bool = True) -> dict:
+    """One side of an interleaved measurement as figures: wall median [min-max], items/s with its range,
+    CPU seconds, and the noise verdict (Clock.verdict)."""
+    walls = clock.walls[key]
+    wall = summary(walls)
+    return {"wall_s": wall["median"], "wall_min_s": wall["min"], "wall_max_s": wall["max"], "repetitions": len(walls),
+            "per_s": n_items / wall["median"], "per_s_range": [n_items / wall["max"], n_items / wall["min"]],
+            "cpu_s": statistics.median(clock.cpus[key]), "walls": walls, **clock.verdict(key, judge_spread)}
