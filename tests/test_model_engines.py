@@ -1,5 +1,5 @@
-"""Every built-in model (and an odd one using every layer kind) in PyTorch and TensorFlow, from one
-weights file's description: top-1 100% and probabilities within 1e-4 of the NumPy reference."""
+"""Every built-in model (and an odd chain and a graph using every layer kind) in PyTorch and TensorFlow,
+from one weights file's description: top-1 100% and probabilities within 1e-4 of the NumPy reference."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,11 +10,12 @@ from cnnsql.models import weights as W
 from cnnsql.engines import get_engine
 from cnnsql.core.errors import CnnsqlError
 
-from test_model_spec import ODD
+from test_model_spec import EVERY, ODD
 
 pytestmark = pytest.mark.integration  # the frameworks build every model
 
-SPECS = [M.builtin(n) for n in sorted(M.BUILTINS)] + [M.builtin("vgg", (1, 8, 8), 10), M.builtin("lenet5", (1, 28, 28), 4), ODD]
+SPECS = [M.builtin(n) for n in sorted(M.BUILTINS)] + [M.builtin("vgg", (1, 8, 8), 10), M.builtin("lenet5", (1, 28, 28), 4),
+                                                    M.builtin("resnet20", (1, 12, 10), 3), ODD, EVERY]
 IDS = [f"{s.name}-{'x'.join(map(str, s.input_shape))}-{s.num_classes}" for s in SPECS]
 
 

@@ -108,7 +108,7 @@ class Engine(ABC):
             raise CnnsqlError(f"batch size must be at least 1, got {bs}")
         from cnnsql.models.model_spec import MAX_BATCH_ACTIVATION
 
-        fits = max(1, MAX_BATCH_ACTIVATION // self.spec.largest_activation())  # memory in flight stays bounded
+        fits = max(1, MAX_BATCH_ACTIVATION // self.spec.peak_activation())  # memory in flight stays bounded
         return min(bs, self.chunk or bs, fits)
 
     def describe(self) -> dict:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from cnnsql.core.errors import CnnsqlError
-from cnnsql.models.model_spec import STUDY, ModelSpec
+from cnnsql.models.model_spec import STUDY, ModelSpec, conv_padding, pool_counts
 from cnnsql.models.weights import Weights
 from cnnsql.engines.base import Engine
 from cnnsql.engines.torch_engine import DEFAULT_CHUNK  # torch itself is imported lazily
@@ -78,66 +78,172 @@ def tf_device(device: str) -> str:
 
 
 def build_model(spec: ModelSpec = STUDY):
-    """The model as a Keras Sequential on NHWC float input in [0, 1]; outputs logits (the final softmax
-    is left to the caller). A relu right after a conv or dense layer is fused into it (activation="relu",
-    as the study's CNN was built before descriptions existed). Keras "same" padding is the description's."""
+    """The model as a Keras functional Model on NHWC float input in [0, 1]; outputs logits (the final
+    softmax is left to the caller). A relu read only by the conv2d or dense layer before it is fused into
+    it (activation="relu", as the study's CNN was built before descriptions existed). Keras "same"
+    padding is the description's; explicit padding is a ZeroPadding2D (-inf for max-pooling) before
+    the layer; a depthwise conv2d (one input channel per group) is a DepthwiseConv2D."""
     tf = import_tf()
     layers = tf.keras.layers
     c, h, w = spec.input_shape
-    out = [tf.keras.Input((h, w, c))]
-    skip = False
-    for i, layer in enumerate(spec.layers):
-        if skip:
-            skip = False
+    inp = tf.keras.Input((h, w, c))
+    values = {-1: inp}
+    consumers = spec.consumers()
+    _, direct = flat_plan(spec)
+    fused: set[int] = set()
+    for i, (layer, shape_in) in enumerate(zip(spec.layers, spec.input_shapes())):
+        if i in fused or layer.kind == "softmax":
             continue
-        nxt = spec.layers[i + 1].kind if i + 1 < len(spec.layers) else None
+        ins = [values[j] for j in spec.node_inputs(i)]
+        x = ins[0]
         k = layer.kind
-        fuse = nxt == "relu" and k in ("conv2d", "dense")
+        nxt = consumers[i][0] if len(consumers[i]) == 1 else None
+        fuse = (k in ("conv2d", "dense") and nxt == i + 1 and spec.layers[nxt].kind == "relu"
+                and (layer.groups or 1) == 1)
         act = "relu" if fuse else None
-        skip = fuse
+        if fuse:
+            fused.add(nxt)
+        if k in ("conv2d", "maxpool", "avgpool"):
+            top, bottom, left, right = conv_padding(layer, shape_in[1], shape_in[2])
+            explicit = isinstance(layer.padding, tuple) and any((top, bottom, left, right))
         if k == "conv2d":
-            out.append(layers.Conv2D(layer.filters, layer.kernel, layer.stride, padding=layer.padding,
-                                     activation=act, name=layer.name))
+            padding = "same" if layer.padding == "same" else "valid"
+            if explicit:
+                x = layers.ZeroPadding2D(((top, bottom), (left, right)))(x)
+            g = layer.groups or 1
+            if g > 1 and shape_in[0] == g:
+                y = layers.DepthwiseConv2D(layer.kernel, layer.stride, padding=padding,
+                                           depth_multiplier=layer.filters // g, name=layer.name)(x)
+            else:
+                y = layers.Conv2D(layer.filters, layer.kernel, layer.stride, padding=padding, groups=g,
+                                  activation=act, name=layer.name)(x)
         elif k == "dense":
-            out.append(layers.Dense(layer.units, activation=act, name=layer.name))
+            y = layers.Dense(layer.units, activation=act, name=layer.name)(x)
         elif k == "relu":
-            out.append(layers.ReLU())
+            y = layers.ReLU()(x)
+        elif k == "relu6":
+            y = layers.ReLU(max_value=6.0)(x)
+        elif k in ("identity", "dropout"):
+            y = x if k == "identity" else layers.Dropout(layer.rate)(x)
         elif k == "maxpool":
-            out.append(layers.MaxPooling2D(layer.kernel, layer.stride))
+            if explicit:
+                x = _Pad(((top, bottom), (left, right)), float("-inf"))(x)
+            y = layers.MaxPooling2D(layer.kernel, layer.stride)(x)
         elif k == "avgpool":
-            out.append(layers.AveragePooling2D(layer.kernel, layer.stride))
+            if explicit:   # the window's sum over cells inside the map, / their count
+                x = layers.ZeroPadding2D(((top, bottom), (left, right)))(x)
+                scale = layer.kernel ** 2 / pool_counts(layer, shape_in[1], shape_in[2])
+                y = _Scale(scale[:, :, None])(layers.AveragePooling2D(layer.kernel, layer.stride)(x))
+            else:
+                y = layers.AveragePooling2D(layer.kernel, layer.stride)(x)
+        elif k == "global_avgpool":
+            y = layers.GlobalAveragePooling2D(keepdims=True)(x)
         elif k == "batchnorm":
-            out.append(layers.BatchNormalization(epsilon=layer.eps, momentum=0.9, name=layer.name))
+            y = layers.BatchNormalization(epsilon=layer.eps, momentum=0.9, name=layer.name)(x)
         elif k == "flatten":
-            out.append(layers.Flatten())   # (h, w, c) order: see flat_order
-        elif k == "dropout":
-            out.append(layers.Dropout(layer.rate))
-    return tf.keras.Sequential(out)
+            if i not in direct and len(shape_in) == 3 and shape_in[1] * shape_in[2] > 1:
+                x = layers.Permute((3, 1, 2))(x)   # NHWC -> (c, h, w) order
+            y = layers.Flatten()(x)                # a direct flatten's reader is permuted: see flat_plan
+        elif k == "add":
+            y = layers.Add()(ins)
+        elif k == "concat":
+            y = layers.Concatenate(axis=-1)(ins)
+        else:
+            raise ValueError(f"no Keras layer for {k!r}")
+        values[i] = y
+        if fuse:
+            values[nxt] = y
+    return tf.keras.Model(inp, values[spec.node_inputs(len(spec.layers) - 1)[0]])
+
+
+def _keras_helpers():
+    """Two small Keras layers (defined once TensorFlow is imported): constant padding and a constant scale."""
+    tf = import_tf()
+
+    class Pad(tf.keras.layers.Layer):
+        def __init__(self, pads, value, **kw):
+            super().__init__(**kw)
+            self.pads, self.value = pads, value
+
+        def call(self, x):
+            return tf.pad(x, [[0, 0], list(self.pads[0]), list(self.pads[1]), [0, 0]], constant_values=self.value)
+
+    class Scale(tf.keras.layers.Layer):
+        def __init__(self, scale, **kw):
+            super().__init__(**kw)
+            self.scale = tf.constant(np.asarray(scale, np.float32))
+
+        def call(self, x):
+            return x * self.scale
+
+    return Pad, Scale
+
+
+def _Pad(pads, value):
+    return _keras_helpers_cached()[0](pads, value)
+
+
+def _Scale(scale):
+    return _keras_helpers_cached()[1](scale)
+
+
+_HELPERS = []
+
+
+def _keras_helpers_cached():
+    if not _HELPERS:
+        _HELPERS.extend(_keras_helpers())
+    return _HELPERS
+
+
+PASS_THROUGH = ("dropout", "identity", "relu", "relu6", "batchnorm")
+
+
+def flat_plan(spec: ModelSpec) -> tuple[dict[str, np.ndarray], set[int]]:
+    """The flatten layers that feed a dense layer directly (through pass-through layers each read only
+    by the next) use Keras's own (h, w, c) order, and their readers' weights are permuted at load time;
+    every other flatten transposes to (c, h, w) first. Returns (layer name -> permutation p of its
+    input features such that Keras's feature j is the neutral feature p[j], the direct flattens)."""
+    consumers = spec.consumers()
+    perms, direct = {}, set()
+    for i, (layer, shape_in) in enumerate(zip(spec.layers, spec.input_shapes())):
+        if layer.kind != "flatten" or len(shape_in) != 3:
+            continue
+        path, j = [], i
+        while len(consumers[j]) == 1 and spec.layers[consumers[j][0]].kind in PASS_THROUGH:
+            j = consumers[j][0]
+            path.append(j)
+        if len(consumers[j]) != 1 or spec.layers[consumers[j][0]].kind != "dense":
+            continue
+        c, h, w = shape_in
+        perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+        direct.add(i)
+        for j in path + [consumers[j][0]]:
+            if spec.layers[j].kind in ("dense", "batchnorm"):
+                perms[spec.layers[j].name] = perm
+    return perms, direct
 
 
 def flat_order(spec: ModelSpec) -> dict[str, np.ndarray]:
     """Layer name -> permutation p of its input features such that Keras's (h, w, c) feature j is the
-    neutral (c, h, w) feature p[j], for the layers between flatten and the first dense after it."""
-    perms = {}
-    perm = None
-    for layer, shape_in in zip(spec.layers, spec.input_shapes()):
-        if layer.kind == "flatten":
-            c, h, w = shape_in
-            perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
-        elif perm is not None and layer.kind in ("dense", "batchnorm"):
-            perms[layer.name] = perm
-            if layer.kind == "dense":
-                perm = None
-    return perms
+    neutral (c, h, w) feature p[j] (the readers of a direct flatten: see flat_plan)."""
+    return flat_plan(spec)[0]
+
+
+def _depthwise(spec: ModelSpec, layer, shape_in) -> bool:
+    return layer.kind == "conv2d" and (layer.groups or 1) > 1 and shape_in[0] == layer.groups
 
 
 def load_arrays(model, a: dict[str, np.ndarray], spec: ModelSpec = STUDY) -> None:
     perms = flat_order(spec)
-    for layer in spec.layers:
+    for layer, shape_in in zip(spec.layers, spec.input_shapes()):
         if not layer.params:
             continue
         p = lambda s: a[f"{layer.name}.{s}"]
-        if layer.kind == "conv2d":
+        if _depthwise(spec, layer, shape_in):     # (in * mult, 1, k, k) -> (k, k, in, mult)
+            kk = layer.kernel
+            ws = [p("weight").reshape(shape_in[0], -1, kk, kk).transpose(2, 3, 0, 1), p("bias")]
+        elif layer.kind == "conv2d":
             ws = [p("weight").transpose(2, 3, 1, 0), p("bias")]   # (out, in, h, w) -> (h, w, in, out)
         elif layer.kind == "dense":
             kernel = p("weight").T
@@ -151,12 +257,14 @@ def load_arrays(model, a: dict[str, np.ndarray], spec: ModelSpec = STUDY) -> Non
 def export_arrays(model, spec: ModelSpec = STUDY) -> dict[str, np.ndarray]:
     perms = flat_order(spec)
     out = {}
-    for layer in spec.layers:
+    for layer, shape_in in zip(spec.layers, spec.input_shapes()):
         if not layer.params:
             continue
         ws = model.get_layer(layer.name).get_weights()
         inv = np.argsort(perms[layer.name]) if layer.name in perms else None
-        if layer.kind == "conv2d":
+        if _depthwise(spec, layer, shape_in):
+            values = [ws[0].transpose(2, 3, 0, 1).reshape(layer.filters, 1, layer.kernel, layer.kernel), ws[1]]
+        elif layer.kind == "conv2d":
             values = [ws[0].transpose(3, 2, 0, 1), ws[1]]
         elif layer.kind == "dense":
             values = [(ws[0][inv] if inv is not None else ws[0]).T, ws[1]]

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from cnnsql.core.errors import CnnsqlError
-from cnnsql.models.model_spec import STUDY, ModelSpec, conv_padding
+from cnnsql.models.model_spec import STUDY, ModelSpec, conv_padding, pool_counts
 from cnnsql.models.weights import Weights
 from cnnsql.engines.base import Engine
 
@@ -35,25 +35,37 @@ def import_torch():
 def build_model(spec: ModelSpec = STUDY):
     """The model as an nn.Module on float NCHW input in [0, 1], returning logits (the final softmax is
     left to the caller). Parametrised layers are attributes named as in the description, so state_dict
-    names and shapes are exactly the neutral ones (plus batch norm's num_batches_tracked counter)."""
+    names and shapes are exactly the neutral ones (plus batch norm's num_batches_tracked counter).
+    A chain runs its steps in turn; a graph keeps each output until its last reader."""
     torch = import_torch()
     from torch import nn
+
+    F = nn.functional
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.steps = []   # callables in order; modules with parameters are also attributes
-            for layer, shape_in in zip(spec.layers, spec.input_shapes()):
+            for i, (layer, shape_in) in enumerate(zip(spec.layers, spec.input_shapes())):
                 if layer.kind != "softmax":
-                    self.steps.append(self._step(layer, shape_in))
+                    self.steps.append(self._step(i, layer, shape_in))
+            self.chain = spec.is_chain
+            self.reads = [spec.node_inputs(i) for i in range(len(self.steps))]
+            last = {}
+            for j, ins in enumerate(self.reads):
+                for i in ins:
+                    last[i] = j
+            # outputs no longer read after step j
+            self.drop = [[i for i in ins if last[i] == j] for j, ins in enumerate(self.reads)]
 
-        def _step(self, layer, shape_in):
+        def _step(self, i, layer, shape_in):
             k = layer.kind
-            if k == "conv2d":
+            if k in ("conv2d", "maxpool", "avgpool"):
                 top, bottom, left, right = conv_padding(layer, shape_in[1], shape_in[2])
                 symmetric = top == bottom and left == right
+            if k == "conv2d":
                 conv = nn.Conv2d(shape_in[0], layer.filters, layer.kernel, layer.stride,
-                                 padding=(top, left) if symmetric else 0)
+                                 padding=(top, left) if symmetric else 0, groups=layer.groups or 1)
                 setattr(self, layer.name, conv)
                 if symmetric:
                     return conv
@@ -70,17 +82,47 @@ def build_model(spec: ModelSpec = STUDY):
                 drop = nn.Dropout(layer.rate)
                 self.add_module(f"dropout{len(self.steps)}", drop)
                 return drop
+            pads = (left, right, top, bottom) if k in ("maxpool", "avgpool") and (top or bottom or left or right) else None
+            if k == "maxpool" and pads:
+                return lambda x: torch.max_pool2d(F.pad(x, pads, value=float("-inf")), layer.kernel, layer.stride)
+            if k == "avgpool" and pads:   # the window's sum over the cells inside the map, / their count
+                scale = layer.kernel ** 2 / pool_counts(layer, shape_in[1], shape_in[2])
+                self.register_buffer(f"pool_scale{i}", torch.tensor(scale, dtype=torch.float32)[None, None],
+                                     persistent=False)
+                return lambda x: F.avg_pool2d(F.pad(x, pads), layer.kernel, layer.stride) * getattr(self, f"pool_scale{i}")
             return {
                 "relu": torch.relu,
+                "relu6": F.relu6,
+                "identity": lambda x: x,
                 "maxpool": lambda x: torch.max_pool2d(x, layer.kernel, layer.stride),
-                "avgpool": lambda x: nn.functional.avg_pool2d(x, layer.kernel, layer.stride),
+                "avgpool": lambda x: F.avg_pool2d(x, layer.kernel, layer.stride),
+                "global_avgpool": lambda x: F.adaptive_avg_pool2d(x, 1),
                 "flatten": lambda x: torch.flatten(x, 1),   # (c, h, w) order in any memory format
+                "add": None,
+                "concat": None,
             }[k]
 
         def forward(self, x):  # x: float (N, C, H, W) in [0, 1]; returns logits
-            for step in self.steps:
-                x = step(x)
-            return x
+            if self.chain:
+                for step in self.steps:
+                    x = step(x)
+                return x
+            values = {-1: x}
+            for j, step in enumerate(self.steps):
+                ins = [values[i] for i in self.reads[j]]
+                kind = spec.layers[j].kind
+                if kind == "add":
+                    y = ins[0]
+                    for v in ins[1:]:
+                        y = y + v
+                elif kind == "concat":
+                    y = torch.cat(ins, 1)
+                else:
+                    y = step(ins[0])
+                for i in self.drop[j]:
+                    del values[i]
+                values[j] = y
+            return values[spec.node_inputs(len(spec.layers) - 1)[0]]
 
     return Net()
 
