@@ -1,5 +1,5 @@
-"""The Velox plan generator (cnnsql/engines/velox_layers.py) on every built-in model and on a model
-using every layer kind: top-1 100% and probabilities within 1e-4 of the independent NumPy reference
+"""The Velox plan generator (cnnsql/engines/velox_layers.py) on every built-in model, an odd chain and a
+graph using every layer kind (branches, residual add, concatenations, groups, padded pools): top-1 100% and probabilities within 1e-4 of the independent NumPy reference
 (cnnsql/models/reference.py), random weights, 1 and 2 drivers, batch edges (1 image, 7 images, more
 images than the 16 tickets)."""
 from __future__ import annotations
@@ -16,13 +16,14 @@ from cnnsql.engines import velox_layers
 from cnnsql.engines.velox_engine import check_model
 from cnnsql.core.errors import CnnsqlError
 
-from test_model_spec import ODD
+from test_model_spec import EVERY, ODD
 
 pytestmark = pytest.mark.integration  # generated Velox plans
 
 # (spec, images per check): the 3x32x32 VGG costs ~25 M multiply-adds per image in the direct form
 CASES = [(M.builtin("lenet5"), 33), (M.builtin("vgg"), 7), (M.builtin("vgg", (1, 8, 8), 10), 33),
-         (M.builtin("lenet5", (1, 28, 28), 4), 7), (ODD, 33)]
+         (M.builtin("lenet5", (1, 28, 28), 4), 7), (ODD, 33), (EVERY, 33), (M.builtin("resnet20", (3, 8, 8), 3), 7),
+         (M.builtin("mobilenet_small", (2, 8, 6), 4), 7)]
 IDS = [f"{s.name}-{'x'.join(map(str, s.input_shape))}-{s.num_classes}" for s, _ in CASES]
 
 
@@ -121,3 +122,15 @@ def test_images_of_another_shape_are_refused():
             engine.predict(np.zeros((2, 3, 32, 32), np.uint8))
     finally:
         engine.close()
+
+
+def test_a_graph_is_one_plan_carrying_its_skip_connections():
+    """resnet20: every conv-bn-relu is one step; a block's input column is carried through the
+    projections of its branch until the add reads it; the plan has one source join and no other."""
+    spec = M.builtin("resnet20", (3, 8, 8), 3)
+    ops = velox_layers.build_ops(spec, W.random_weights(1, spec).arrays, winograd=False)
+    kinds = [op.kind for op in ops]
+    assert kinds.count("conv2d") == 21 and kinds.count("add") == 9 and "batchnorm" not in kinds
+    assert kinds.count("relu") == 9 and kinds[-4:] == ["relu", "global_avgpool", "dense", "softmax"]
+    add = ops[kinds.index("add")]
+    assert len(add.reads) == 2 and add.reads[1] == ops[1].out   # the stem's output, carried past the branch

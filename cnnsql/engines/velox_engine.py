@@ -71,10 +71,6 @@ class VeloxEngine(Engine):
     @classmethod
     def cannot_run(cls, spec) -> str | None:
         unknown = sorted({layer.kind for layer in spec.layers} - set(vl.GENERATED))
-        graph = [layer for layer in spec.layers if getattr(layer, "v2", False)]
-        if graph and not unknown:
-            return (f"the Velox engine has no plan generator for version-2 layers (graph inputs, groups, explicit "
-                    f"padding) such as {graph[0].kind} {graph[0].name or ''} of model {spec.name!r}")
         if unknown:
             return (f"the Velox engine has no plan generator for layer kind(s) {', '.join(unknown)} "
                     f"of model {spec.name!r}")

@@ -101,11 +101,11 @@ def weight_arrays(weights) -> WeightArrays:
 
 
 def list_array(pa, mat: np.ndarray):
-    """(n, L) -> Arrow list<float> of n rows; (n, a, L) -> list<list<float>>."""
+    """(n, L) -> Arrow list<float> of n rows; (n, a, L) -> list<list<float>>; and so on."""
     mat = np.ascontiguousarray(mat, dtype=np.float32)
-    if mat.ndim == 3:
-        n, a, _ = mat.shape
-        inner = list_array(pa, mat.reshape(n * a, -1))
+    if mat.ndim >= 3:
+        n, a = mat.shape[:2]
+        inner = list_array(pa, mat.reshape(n * a, *mat.shape[2:]))
         return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * a), inner)
     n, length = mat.shape
     return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * length), pa.array(mat.ravel()))
