@@ -16,7 +16,7 @@ from cnnsql.models.weights import Weights
 from cnnsql.engines.base import Engine
 from cnnsql.engines.torch_engine import DEFAULT_CHUNK  # torch itself is imported lazily
 
-# Measured on 2 Sapphire Rapids cores (benchmarks/raw_speed.py): without XLA, TF runs its oneDNN
+# Measured on 2 Sapphire Rapids cores (cnnsql study raw_speed): without XLA, TF runs its oneDNN
 # kernels (~3,500 images/s at batch 64); XLA's CPU convolutions reach only ~1,500.
 DEFAULT_JIT_COMPILE = False
 

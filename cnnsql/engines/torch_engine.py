@@ -11,7 +11,7 @@ from cnnsql.models.model_spec import STUDY, ModelSpec, conv_padding, pool_counts
 from cnnsql.models.weights import Weights
 from cnnsql.engines.base import Engine
 
-# Measured on 2 Sapphire Rapids cores (benchmarks/raw_speed.py): channels_last is ~40% faster than
+# Measured on 2 Sapphire Rapids cores (cnnsql study raw_speed): channels_last is ~40% faster than
 # eager NCHW; "compile" (torch.compile/inductor) is within ~5% of it but costs seconds of compiling
 # per new batch shape (13 s for batch 1), so channels_last is the default. (TorchScript freezing was
 # also within ~5%, and is deprecated in torch 2.13.)

@@ -28,7 +28,7 @@ from cnnsql.core.errors import CnnsqlError
 from cnnsql.measure import stats
 from cnnsql.results import render
 
-STUDIES = ("raw_speed", "sql_path")
+STUDIES = ("raw_speed", "velox_ceiling", "agreement", "load_speed", "sql_path")
 
 
 def load(name: str):

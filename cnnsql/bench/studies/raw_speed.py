@@ -1,6 +1,6 @@
-"""Raw inference speed of every engine variant (no SQL): images/s per batch size, against the machine's SGEMM.
+"""Raw inference speed of every engine variant and model (no SQL): images/s per batch size, against SGEMM.
 
-Random weights (seed 0) of --model on its input shape, random uint8 images (seed 0). The variants are the
+Random weights (seed 0) of each --models entry on its input shape (speed does not depend on the values), random uint8 images (seed 0). The variants are the
 per-framework settings in cnnsql.engines.VARIANTS (the placements run "default"). Every cell (engine,
 variant, batch size) is timed in the harness's interleaved loop: --warmup untimed rounds, then --repeats
 rounds of one call of each cell, a call being enough batches for ~--images images (an engine with a
@@ -27,7 +27,8 @@ SMOKE = ["--engines", "torch", "--batch-sizes", "1,8", "--images", "16", "--repe
 def arguments(ap) -> None:
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated (default: all)")
     ap.add_argument("--variants", default="", help="comma-separated variant labels (default: all of each engine)")
-    ap.add_argument("--model", default="study", help="built-in model or description .json (default: study)")
+    ap.add_argument("--models", default="study", help="comma-separated built-ins or description .json files "
+                    "(default: study; every built-in: study,lenet5,vgg)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for every engine (default 2)")
     ap.add_argument("--batch-sizes", default="1,64,256")
     ap.add_argument("--images", type=int, default=1024, help="images per timed call (at least one batch)")
@@ -75,7 +76,6 @@ def sgemm_gflops(threads: int, n: int = 2048, reps: int = 10) -> dict:
 
 
 def run(ctx, args) -> dict:
-    from cnnsql.engines.velox_layers import macs
     from cnnsql.models import model_spec as M
     from cnnsql.models.weights import random_weights, reference_forward
 
@@ -84,20 +84,47 @@ def run(ctx, args) -> dict:
         engine_class(e)  # an unknown engine is one line
     batches = [int(b) for b in args.batch_sizes.split(",")]
     only = set(filter(None, args.variants.split(",")))
+    if "velox" in engines:  # Velox's DWRF writer must start before TensorFlow's runtime (velox_engine)
+        from cnnsql.engines import velox_runtime
+
+        velox_runtime.load()
+        velox_runtime.dwrf_writer_works()
     set_threads(args.threads, engines)
     gemm = sgemm_gflops(args.threads)
     ctx.say("SGEMM 2048x2048 float32, best of 3: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in gemm.items()))
-    spec = M.resolve(args.model)
-    weights = random_weights(0, spec)
-    flop = 2 * macs(spec)
-    rng = np.random.default_rng(0)
-    probe = rng.integers(0, 256, (16, *spec.input_shape), dtype=np.uint8)
-    expected = reference_forward(weights, probe)
     calls, n_items, cells, checks, skipped = {}, {}, {}, [], []
+    rng = np.random.default_rng(0)
+    for model in args.models.split(","):
+        spec = M.resolve(model)
+        weights = random_weights(0, spec)
+        probe = rng.integers(0, 256, (16, *spec.input_shape), dtype=np.uint8)
+        add_cells(ctx, args, spec, weights, probe, reference_forward(weights, probe), engines, batches, only, rng,
+                  calls, n_items, cells, checks, skipped)
+    ctx.say(f"{len(calls)} cells, {args.warmup} warm-up and {args.repeats} timed rounds, interleaved")
+    timed = ctx.interleaved(calls, args.repeats, args.warmup, n_items, label="cell")
+    rows = []
+    for key, cell in cells.items():
+        t = timed[key]
+        flop = cell.pop("flop")
+        rows.append({**cell, "images": n_items[key], "images_per_s": t["per_s"], "range": t["per_s_range"],
+                     "gflop_per_s": t["per_s"] * flop / 1e9, "noisy": t["noisy"]})
+    peak = max(gemm.values())
+    fastest = max(rows, key=lambda r: r["images_per_s"], default=None)
+    return {"rows": rows, "checks": checks, "skipped": skipped, "sgemm_gflops": gemm,
+            "fastest": fastest and {**{k: fastest[k] for k in ("model", "engine", "variant", "batch")},
+                                    "share_of_sgemm": fastest["gflop_per_s"] / peak}}
+
+
+def add_cells(ctx, args, spec, weights, probe, expected, engines, batches, only, rng, calls, n_items, cells, checks,
+              skipped) -> None:
+    """The cells of one model: every engine that can run it, every variant, every batch size."""
+    from cnnsql.engines.velox_layers import macs
+
+    flop = 2 * macs(spec)
     for name in engines:
         cls = engine_class(name)
         if cls.cannot_run(spec):
-            skipped.append(f"{name}: {cls.cannot_run(spec)}")
+            skipped.append(f"{spec.name}: {name}: {cls.cannot_run(spec)}")
             continue
         for label, opts in VARIANTS[name].items():
             if only and label not in only:
@@ -106,28 +133,16 @@ def run(ctx, args) -> dict:
                 engine = get_engine(name, weights, threads=args.threads, **opts)
                 err = float(np.abs(engine.predict_proba(probe) - expected).max())
             except Exception as exc:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
-                skipped.append(f"{name} / {label}: {type(exc).__name__}: {str(exc)[:200]}")
+                skipped.append(f"{spec.name}: {name} / {label}: {type(exc).__name__}: {str(exc)[:200]}")
                 ctx.say(f"  skipped {name} / {label}: {type(exc).__name__}: {exc}")
                 continue
-            checks.append(check(f"{name} / {label} agrees with the reference", err <= 1e-4, f"max |dp| {err:.1e}"))
+            checks.append(check(f"{spec.name}: {name} / {label} agrees with the reference", err <= 1e-4, f"max |dp| {err:.1e}"))
             images = min(args.images, cls.bench_sweep_images or args.images)
             for batch in batches:
                 x = rng.integers(0, 256, (batch, *spec.input_shape), dtype=np.uint8)
                 n_calls = max(1, images // batch)
-                key = f"{name} | {label} | {batch}"
+                key = f"{spec.name} | {name} | {label} | {batch}"
                 calls[key] = (lambda e, x, k: lambda: [e.predict_proba(x) for _ in range(k)])(engine, x, n_calls)
                 n_items[key] = n_calls * batch
-                cells[key] = {"engine": name, "variant": label, "batch": batch, "max_abs_err": err}
-    ctx.say(f"{len(calls)} cells, {args.warmup} warm-up and {args.repeats} timed rounds, interleaved")
-    timed = ctx.interleaved(calls, args.repeats, args.warmup, n_items, label="cell")
-    rows = []
-    for key, cell in cells.items():
-        t = timed[key]
-        rows.append({**cell, "images": n_items[key], "images_per_s": t["per_s"], "range": t["per_s_range"],
-                     "gflop_per_s": t["per_s"] * flop / 1e9, "noisy": t["noisy"]})
-    peak = max(gemm.values())
-    fastest = max(rows, key=lambda r: r["images_per_s"], default=None)
-    return {"rows": rows, "checks": checks, "skipped": skipped, "sgemm_gflops": gemm, "flop_per_image": flop,
-            "model": spec.name, "input_shape": list(spec.input_shape),
-            "fastest": fastest and {**{k: fastest[k] for k in ("engine", "variant", "batch")},
-                                    "share_of_sgemm": fastest["gflop_per_s"] / peak}}
+                cells[key] = {"model": spec.name, "engine": name, "variant": label, "batch": batch,
+                              "max_abs_err": err, "flop": flop}
