@@ -145,6 +145,19 @@ def test_the_image_shape_is_known_in_one_place():
     assert checks and set(checks) == {CIFAR10_IMAGE_BYTES}
 
 
+def test_sql_files_are_package_data():
+    """The package reads its SQL from inside itself (so a non-editable install works): cnnsql/sql is the
+    top-level sql/ folder a psql user reads, and pyproject.toml ships its files."""
+    import tomllib
+
+    from cnnsql.core import config
+
+    assert config.SQL_DIR == PACKAGE / "sql" and (PACKAGE / "sql").resolve() == (PACKAGE.parent / "sql").resolve()
+    assert (config.SQL_DIR / "schema.sql").is_file() and (config.SQL_DIR / "queries" / "offline.sql").is_file()
+    data = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert {"sql/*.sql", "sql/queries/*.sql"} <= set(data["cnnsql"])
+
+
 if __name__ == "__main__":
     mods, edges = graph()
     largest = max(mods.items(), key=lambda kv: len(kv[1].read_text().splitlines()))

@@ -11,7 +11,7 @@ LIBPQ_VARS = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVI
 # The installed tree: the package, and the project folder that holds it beside sql/ and evadb_udfs/
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PROJECT_DIR = PACKAGE_DIR.parent
-SQL_DIR = PROJECT_DIR / "sql"              # the schema a psql user reads; db.ensure_schema runs it
+SQL_DIR = PACKAGE_DIR / "sql"              # package data: the top-level sql/ a psql user reads (a link)
 UDF_DIR = PROJECT_DIR / "evadb_udfs"       # what EvaDB loads its functions from
 
 
