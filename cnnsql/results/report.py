@@ -5,8 +5,10 @@ measured figures, with a plain statement of whether they reproduce.
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -297,6 +299,25 @@ def placement_table(runs: pd.DataFrame) -> pd.DataFrame:
 NAMES = {"torch": "PyTorch", "tensorflow": "TensorFlow", "velox": "Velox"}
 
 
+def _model_of(weights: str) -> str | None:
+    """The model a weights file holds (its manifest), read once per file version for the whole report."""
+    try:
+        stamp = os.stat(weights).st_mtime_ns
+    except OSError:
+        return None
+    return _model_cached(weights, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_cached(weights: str, stamp: int) -> str | None:
+    try:
+        from cnnsql.models.weights import load_weights
+
+        return load_weights(weights).spec.name
+    except (CnnsqlError, OSError):
+        return None
+
+
 def setting(runs: pd.DataFrame) -> dict:
     """What the session measured: its dataset, its model and weights file (read from the file when it
     is still there; its manifest names the model)."""
@@ -305,14 +326,7 @@ def setting(runs: pd.DataFrame) -> dict:
     dataset = {"cifar-10": "CIFAR-10", "synthetic": "synthetic CIFAR-shaped data"}.get(
         kind, kind.split(":", 1)[1] if kind.startswith("folder:") else kind)
     weights = first.weights if isinstance(first.weights, str) and first.weights else None
-    model = None
-    if weights:
-        try:
-            from cnnsql.models.weights import load_weights
-
-            model = load_weights(weights).spec.name
-        except (CnnsqlError, OSError):
-            model = None
+    model = _model_of(weights) if weights else None
     engines = [NAMES.get(e, e) for e in sorted(set(runs.engine.dropna()) - {"none"})]
     return {"dataset": dataset, "kind": kind, "model": model, "weights": weights or "-", "engines": engines,
             "study_setting": kind == "cifar-10" and model == "study"}
