@@ -28,7 +28,8 @@ from cnnsql.core.errors import CnnsqlError
 from cnnsql.measure import stats
 from cnnsql.results import render
 
-STUDIES = ("raw_speed", "velox_ceiling", "agreement", "load_speed", "sql_path")
+STUDIES = ("raw_speed", "velox_ceiling", "agreement", "load_speed", "sql_path", "sql_memory", "indb_speed",
+           "pg_readers")
 
 
 def load(name: str):
