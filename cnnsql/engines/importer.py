@@ -1,4 +1,5 @@
-"""`cnnsql import`: a PyTorch nn.Sequential or a Keras Sequential model -> a cnnsql weights file.
+"""`cnnsql import`: an ONNX model (cnnsql/engines/onnx_import.py), a PyTorch nn.Sequential or a Keras
+Sequential model -> a cnnsql weights file.
 
 PyTorch: the state dict (`torch.save(model.state_dict(), F)`, read with weights_only=True: no code is
 unpickled) and the module list as `print(model)` writes it, e.g.
@@ -261,7 +262,14 @@ def from_keras(path: Path, name: str):
 
 def import_command(args) -> None:
     name = args.name or Path(args.out).stem
-    if args.keras:
+    if getattr(args, "onnx", None):
+        if args.torch or args.modules or args.keras:
+            raise CnnsqlError("--onnx cannot be combined with --torch/--modules/--keras", "import one model at a time")
+        from cnnsql.engines.onnx_import import from_onnx
+
+        spec, arrays = from_onnx(args.onnx, name, args.input)
+        source = {"onnx": str(args.onnx)}
+    elif args.keras:
         if args.torch or args.modules:
             raise CnnsqlError("--keras cannot be combined with --torch/--modules", "import one model at a time")
         spec, arrays = from_keras(args.keras, name)
@@ -290,11 +298,14 @@ def register(sub) -> None:
             raise argparse.ArgumentTypeError(f"expected CxHxW (e.g. 3x32x32), got {text!r}")
         return tuple(int(p) for p in parts)
 
-    im = sub.add_parser("import", help="convert a PyTorch nn.Sequential or Keras Sequential model to a weights file")
+    im = sub.add_parser("import", help="convert an ONNX model, a PyTorch nn.Sequential or a Keras Sequential model "
+                        "to a weights file")
     im.add_argument("--torch", type=Path, metavar="STATE_DICT", help="torch.save(model.state_dict(), ...) file")
     im.add_argument("--modules", type=Path, metavar="TEXT", help="the module list as print(model) writes it")
     im.add_argument("--input", type=shape, metavar="CxHxW", help="input image shape (PyTorch import)")
     im.add_argument("--keras", type=Path, metavar="FILE", help="a .keras file of a Sequential model")
+    im.add_argument("--onnx", type=Path, metavar="FILE", help="an .onnx model (any graph of the supported operators; "
+                    "--input CxHxW where the file leaves the image size open)")
     im.add_argument("--name", help="model name (default: the output file's stem)")
     im.add_argument("--classes", help="comma-separated class names, in label order")
     im.add_argument("--out", type=Path, required=True, help="weights file to write (.npz; manifest beside it)")

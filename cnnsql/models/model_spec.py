@@ -373,7 +373,16 @@ def _positive(spec: ModelSpec, i: int, layer: Layer, field_name: str, limit: int
     return v
 
 
-def _infer(spec: ModelSpec) -> tuple[list[tuple[int, ...]], list[Shape]]:
+def partial_shapes(name: str, input_shape, layers) -> list[Shape]:
+    """Output shape of each layer of an unfinished graph (an importer's so far): the layer checks of a
+    description without those of its end (softmax last, every output used)."""
+    from types import SimpleNamespace
+
+    return _infer(SimpleNamespace(name=name, version=2, input_shape=tuple(input_shape), layers=tuple(layers)),
+                  partial=True)[1]
+
+
+def _infer(spec: ModelSpec, partial: bool = False) -> tuple[list[tuple[int, ...]], list[Shape]]:
     """Validate the description; return each layer's inputs (indices, -1 the image) and output shape.
     Raises CnnsqlError naming the layer."""
     if not isinstance(spec.name, str) or not 0 < len(spec.name) <= 100:
@@ -388,7 +397,7 @@ def _infer(spec: ModelSpec) -> tuple[list[tuple[int, ...]], list[Shape]]:
         raise _bad(spec.name, f"input {c}x{h}x{w} is out of range (1..{MAX_CHANNELS} channels, 1..{MAX_DIM} pixels)")
     if not 1 <= len(spec.layers) <= MAX_LAYERS:
         raise _bad(spec.name, f"has {len(spec.layers)} layers (1..{MAX_LAYERS})")
-    if spec.layers[-1].kind != "softmax":
+    if spec.layers[-1].kind != "softmax" and not partial:
         raise _bad(spec.name, "the last layer must be softmax", "append {\"kind\": \"softmax\"}")
     names: dict[str, int] = {}
     out: list[Shape] = []
@@ -425,6 +434,8 @@ def _infer(spec: ModelSpec) -> tuple[list[tuple[int, ...]], list[Shape]]:
         params += sum(math.prod(s) for s in _params_of(layer, shapes_in[0]).values())
         if params > MAX_PARAMS:
             raise _bad(spec.name, f"has more than {MAX_PARAMS:,} parameters", "cnnsql runs small CNNs")
+    if partial:
+        return inputs, out
     unused = [j for j in range(len(out) - 1) if j not in used]
     if unused:
         raise _bad(spec.name, f"{_where(unused[0], spec.layers[unused[0]])}: its output is never used",
