@@ -1,4 +1,4 @@
--- Figures of benchmarks/growth.py: cost as the data grows (one row per size, phase and engine).
+-- Figures of `cnnsql study growth`: cost as the data grows (one row per size, phase and engine).
 CREATE TABLE IF NOT EXISTS growth_point (
     point_id      bigserial PRIMARY KEY,
     session_id    text NOT NULL,

@@ -1,10 +1,12 @@
-"""Sample CPU, memory and (when there is one) GPU use while a benchmark phase runs."""
+"""Sample CPU, memory and (when there is one) GPU use while a benchmark phase runs (ResourceMonitor), and
+the memory of a PostgreSQL server's processes while a study's phase runs (ServerSampler)."""
 from __future__ import annotations
 
 import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -84,3 +86,71 @@ class ResourceMonitor:
             "peak_rss_mb": max(self.rss) if self.rss else None,
             "gpu_pct": sum(self.gpu) / len(self.gpu) if self.gpu else None,
         }
+
+
+class ServerSampler:
+    """Context manager: peak VmRSS and RssAnon of one PostgreSQL server process, and peak sum of RssAnon
+    over all of them (a backend's RSS includes the shared buffers it touched, RssAnon does not), read
+    from /proc every `interval` s. `postmaster`: the server's pid (None: a server elsewhere, no figures)."""
+
+    def __init__(self, postmaster: int | None, interval: float = 0.2):
+        self.postmaster, self.interval = postmaster, interval
+        self.peak_rss = self.peak_anon = self.peak_anon_sum = 0.0
+        self.peak_anon_process = ""
+        self._stop = threading.Event()
+
+    def _pids(self) -> list[int]:
+        if not self.postmaster:
+            return []
+        try:
+            children = Path(f"/proc/{self.postmaster}/task/{self.postmaster}/children").read_text().split()
+        except OSError:
+            return []
+        return [self.postmaster, *map(int, children)]
+
+    @staticmethod
+    def _title(pid: int) -> str:
+        """The server process's title: 'postgres: autovacuum worker', 'postgres: cnnsql cnnsql 127.0.0.1 ...'."""
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:60].strip()
+        except OSError:
+            return "?"
+
+    @staticmethod
+    def _status(pid: int) -> dict:
+        out = {}
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon"):
+                    out[key] = int(value.split()[0]) / 1024
+        except OSError:
+            pass
+        return out
+
+    def _run(self):
+        while True:
+            anon_sum = 0.0
+            for pid in self._pids():
+                s = self._status(pid)
+                self.peak_rss = max(self.peak_rss, s.get("VmRSS", 0))
+                if s.get("RssAnon", 0) > self.peak_anon:
+                    self.peak_anon, self.peak_anon_process = s["RssAnon"], self._title(pid)
+                anon_sum += s.get("RssAnon", 0)
+            self.peak_anon_sum = max(self.peak_anon_sum, anon_sum)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def summary(self) -> dict:
+        return {"server_peak_rss_mb": self.peak_rss, "server_peak_anon_mb": self.peak_anon,
+                "server_peak_anon_sum_mb": self.peak_anon_sum, "server_peak_anon_process": self.peak_anon_process}

@@ -1,0 +1,304 @@
+"""Cost as the data grows: load, raw and SQL passes at N synthetic images, with every process's peak memory.
+
+For each N of --sizes (in order), against the configured PostgreSQL (CNNSQL_HOME's private cluster or
+CNNSQL_DSN). It REPLACES the loaded CIFAR-10 dataset with synthetic data (run it in a CNNSQL_HOME of its own):
+- load: `cnnsql load --quiet --synthetic N` (N train + N/5 test images); images/s counts both splits; the
+  table size is the stored images' relations (pg_partition_tree of cifar_image).
+- raw: a child process (`python -m cnnsql.bench.studies.growth --child raw`) streams `SELECT id, img FROM
+  <the dataset's binary test view> [WHERE id < M]` through a server-side cursor (2,048 rows per fetch) into
+  the engine (its default batch): no EvaDB.
+- sql: a child process runs, through cnnsql's EvaDB, `SELECT id, <F>(img).label FROM pg.<test view>
+  [WHERE id < M];` after a one-image warm-up query (the engine loaded).
+  raw and sql alternate --reps times; the figure is the median, all walls are kept in `detail`.
+The passes read the whole test split (N/5 images) unless --max-pass M caps them (said in the row). Each
+phase runs in a fresh process: its peak RSS (ru_maxrss from wait4) is the client's figure.
+cnnsql.measure.monitor.ServerSampler reads /proc every 0.2 s for the PostgreSQL server's processes: the
+largest VmRSS and RssAnon of one process and the largest sum of RssAnon over all of them. Every phase's
+window carries the harness's noise verdict (other processes' CPU share; the child and the private server
+counted as ours; the spread of the --reps walls). Checks: every pass returned each expected id once.
+Rows also go to the table growth_point (sql/growth.sql) of the same database; --plot PNG draws the
+session's rows, so a session can be extended by later runs with --session.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cnnsql.bench.studies import check
+from cnnsql.bench.studies._dbstudy import ChildClock, weights_path
+
+NAME = "growth"
+NEEDS_DATABASE = True
+SMOKE = ["--sizes", "200", "--reps", "1", "--max-pass", "40"]
+FETCH_ROWS = 2048
+
+
+def arguments(ap) -> None:
+    ap.add_argument("--weights", type=Path, help="weights file (default: the default weights file)")
+    ap.add_argument("--sizes", default="10000,100000", help="synthetic train images N per step (default 10000,100000)")
+    ap.add_argument("--engines", default="torch")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--max-pass", type=int, help="read at most M test images per pass (said in each row)")
+    ap.add_argument("--session", help="add to this growth session (default: a new one)")
+    ap.add_argument("--plot", type=Path, help="draw the session's rows into this PNG")
+
+
+# --- children ---------------------------------------------------------------------------------
+
+def _xor_ids(ids) -> int:
+    out = 0
+    for i in ids:
+        out ^= int(i) * 2654435761 % (1 << 61)
+    return out
+
+
+def child_raw(engine_name: str, weights: str, threads: int, limit: int | None) -> dict:
+    import numpy as np
+    from psycopg2 import sql
+
+    from cnnsql import db
+    from cnnsql.data import datasets
+    from cnnsql.engines import get_engine
+    from cnnsql.models.weights import load_weights
+
+    engine = get_engine(engine_name, load_weights(weights), threads=threads)
+    conn = db.connect()
+    ds = datasets.info(conn)
+    engine.predict(np.zeros((2, *ds.shape), np.uint8))  # warm-up
+    t0 = time.perf_counter()
+    seen, count = 0, 0
+    with conn.cursor(name="growth_raw") as cur:
+        cur.itersize = FETCH_ROWS
+        query = sql.SQL("SELECT id, img FROM {}").format(sql.Identifier(*ds.bytes_relation("test")))
+        if limit:
+            query += sql.SQL(" WHERE id < %s")
+        cur.execute(query, (limit,) if limit else None)
+        while rows := cur.fetchmany(FETCH_ROWS):
+            images = np.frombuffer(b"".join(bytes(r[1]) for r in rows), np.uint8).reshape(-1, *ds.shape)
+            engine.predict(images, engine.default_batch_size)
+            count += len(rows)
+            seen ^= _xor_ids(r[0] for r in rows)
+    wall = time.perf_counter() - t0
+    conn.close()
+    return {"rows": count, "wall_s": wall, "ids_xor": seen, "batch": engine.default_batch_size,
+            "query": f"SELECT id, img FROM {'.'.join(ds.bytes_relation('test'))}" + (f" WHERE id < {limit}" if limit else "")}
+
+
+def child_sql(engine_name: str, weights: str, threads: int, limit: int | None) -> dict:
+    from cnnsql import db
+    from cnnsql.data import datasets
+    from cnnsql.placements import evadb_session
+    from cnnsql.placements.pgfunctions import sql_name
+
+    with db.connection() as conn:
+        view = datasets.info(conn).view("test")
+    f = sql_name(engine_name)
+    cursor = evadb_session.connect(weights=weights, threads=threads)
+    evadb_session.run(cursor, f"SELECT id, {f}(img).label FROM pg.{view} WHERE id < 1;")
+    query = f"SELECT id, {f}(img).label FROM pg.{view}" + (f" WHERE id < {int(limit)};" if limit else ";")
+    t0 = time.perf_counter()
+    out = evadb_session.run(cursor, query)
+    wall = time.perf_counter() - t0
+    ids = out[out.columns[0]]
+    return {"rows": len(out), "distinct": int(ids.nunique()), "wall_s": wall, "ids_xor": _xor_ids(ids), "query": query}
+
+
+def child_main(argv: list[str]) -> None:
+    import argparse
+    import resource
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", choices=["raw", "sql"])
+    ap.add_argument("--engine", required=True)
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=int)
+    a = ap.parse_args(argv)
+    res = (child_raw if a.kind == "raw" else child_sql)(a.engine, a.weights, a.threads, a.limit)
+    res["client_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(res))
+
+
+# --- the parent: phases in fresh processes, the server sampled --------------------------------
+
+def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None) -> tuple[dict, str]:
+    """Run one phase in a fresh process: wall, exit, peak RSS (wait4), the server's peaks, the noise verdict."""
+    from cnnsql.measure.monitor import ServerSampler
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        with ChildClock((postmaster,) if postmaster else ()) as clock, ServerSampler(postmaster) as sampler:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+            _, status, usage = os.wait4(proc.pid, 0)  # reaped here: its ru_maxrss kept
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            wall = time.perf_counter() - t0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    ctx.record_noise(label, clock.verdict())
+    if proc.returncode != 0:
+        raise RuntimeError(f"growth: {label} failed ({proc.returncode}): {stderr.strip()[-400:]}")
+    return {"wall_s": wall, "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
+            "process_peak_rss_mb": usage.ru_maxrss / 1024, **sampler.summary()}, stdout
+
+
+def postmaster_pid(conn) -> int | None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT setting FROM pg_settings WHERE name = 'data_directory'")
+        (datadir,) = cur.fetchone()
+    conn.rollback()
+    try:
+        return int(Path(datadir, "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None  # a server elsewhere (or not readable here): no server-side memory figures
+
+
+def table_bytes(conn) -> int:
+    """The stored images' size on disk: every partition of cifar_image (where `cnnsql load` writes)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('cifar_image')")
+        (size,) = cur.fetchone()
+    conn.rollback()
+    return int(size)
+
+
+def record(conn, session: str, n: int, phase: str, engine: str | None, rows: int, fig: dict, detail: dict) -> None:
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO growth_point (session_id, n_images, phase, engine, rows_read, wall_s, images_per_s, "
+            "client_peak_rss_mb, server_peak_rss_mb, server_peak_anon_mb, server_peak_anon_sum_mb, "
+            "loadavg_before, loadavg_after, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (session, n, phase, engine, rows, fig["wall_s"], rows / fig["wall_s"], fig.get("client_peak_rss_mb"),
+             fig["server_peak_rss_mb"], fig["server_peak_anon_mb"], fig["server_peak_anon_sum_mb"],
+             fig["loadavg_before"], fig["loadavg_after"], json.dumps(detail)))
+    conn.commit()
+
+
+def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaster: int | None, rows: list,
+                 checks: list) -> None:
+    fig, out = run_phase(ctx, f"N={n} load (child process)",
+                         [sys.executable, "-m", "cnnsql", "load", "--quiet", "--synthetic", str(n)], postmaster)
+    fig["client_peak_rss_mb"] = fig["process_peak_rss_mb"]
+    n_test = max(1, n // 5)
+    record(conn, session, n, "load", None, n + n_test, fig, {"table_bytes": table_bytes(conn), "stdout": out.strip(),
+                                                           "server_peak_anon_process": fig["server_peak_anon_process"]})
+    rows.append({"n": n, "phase": "load", "engine": "", "rows": n + n_test, "wall_s": fig["wall_s"],
+                 "images_per_s": (n + n_test) / fig["wall_s"], "client_peak_mb": fig["client_peak_rss_mb"],
+                 "server_peak_mb": fig["server_peak_rss_mb"], "server_anon_sum_mb": fig["server_peak_anon_sum_mb"]})
+    ctx.say(f"N={n}: load {n + n_test} images in {fig['wall_s']:.1f} s, client peak {fig['client_peak_rss_mb']:.0f} MB")
+    limit = args.max_pass if args.max_pass and args.max_pass < n_test else None
+    expected = limit or n_test
+    want_xor = _xor_ids(range(expected))
+    for engine in (e for e in args.engines.split(",") if e):
+        figs = {"raw": [], "sql": []}
+        for _ in range(args.reps):
+            for kind in ("raw", "sql"):
+                cmd = [sys.executable, "-m", "cnnsql.bench.studies.growth", "--child", kind, "--engine", engine,
+                       "--weights", str(weights), "--threads", str(args.threads)] + (["--limit", str(limit)] if limit else [])
+                f, out = run_phase(ctx, f"N={n} {engine} {kind} (child process)", cmd, postmaster)
+                res = json.loads(out.strip().splitlines()[-1])
+                ok = res["rows"] == expected and res["ids_xor"] == want_xor and res.get("distinct", res["rows"]) == res["rows"]
+                checks.append(check(f"N={n} {engine} {kind}: each of {expected} ids once", ok, f"{res['rows']} rows"))
+                figs[kind].append({**f, **res, "process_wall_s": f["wall_s"], "wall_s": res["wall_s"]})
+                ctx.say(f"N={n} {engine} {kind}: {res['rows']} images in {res['wall_s']:.2f} s, client peak "
+                        f"{res['client_peak_rss_mb']:.0f} MB, server process peak {f['server_peak_rss_mb']:.0f} MB")
+        for kind, runs in figs.items():
+            walls = [r["wall_s"] for r in runs]
+            med = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+            if len(runs) > 1:
+                from cnnsql.measure import stats
+
+                sp = stats.spread(walls)
+                noisy = statistics_judged(walls) and sp > stats.NOISY_SPREAD
+                ctx.record_noise(f"N={n} {engine} {kind} repetitions", {
+                    "noisy": noisy, "noise_reasons": [f"repetitions spread {100 * sp:.0f}% (max-min over median; "
+                                                      f"threshold {100 * stats.NOISY_SPREAD:.0f}%)"] if noisy else []})
+            agg = {k: max(r[k] for r in runs) for k in ("client_peak_rss_mb", "server_peak_rss_mb",
+                                                      "server_peak_anon_mb", "server_peak_anon_sum_mb")}
+            fig = {**agg, "wall_s": med["wall_s"], "loadavg_before": runs[0]["loadavg_before"],
+                   "loadavg_after": runs[-1]["loadavg_after"]}
+            detail = {"walls": walls, "process_walls": [r["process_wall_s"] for r in runs],
+                      "loadavg": [[r["loadavg_before"], r["loadavg_after"]] for r in runs], "threads": args.threads,
+                      "limit": limit, "split_rows": n_test, "query": runs[0].get("query"), "batch": runs[0].get("batch"),
+                      "server_peak_anon_process": [r.get("server_peak_anon_process") for r in runs]}
+            record(conn, session, n, kind, engine, expected, fig, detail)
+            rows.append({"n": n, "phase": kind, "engine": engine, "rows": expected, "wall_s": fig["wall_s"],
+                         "images_per_s": expected / fig["wall_s"], "client_peak_mb": fig["client_peak_rss_mb"],
+                         "server_peak_mb": fig["server_peak_rss_mb"], "server_anon_sum_mb": fig["server_peak_anon_sum_mb"]})
+
+
+def statistics_judged(walls) -> bool:
+    import statistics
+
+    from cnnsql.measure import stats
+
+    return statistics.median(walls) >= stats.MIN_JUDGE_S
+
+
+def plot(conn, session: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with conn.cursor() as cur:
+        cur.execute("SELECT n_images, phase, coalesce(engine, ''), rows_read, wall_s, client_peak_rss_mb, "
+                    "server_peak_anon_mb FROM growth_point WHERE session_id = %s ORDER BY n_images", (session,))
+        rows = cur.fetchall()
+    conn.rollback()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for phase, engine in sorted({(r[1], r[2]) for r in rows}):
+        pts = [r for r in rows if (r[1], r[2]) == (phase, engine)]
+        label = f"{phase} {engine}".strip()
+        ax1.plot([r[0] for r in pts], [r[4] for r in pts], "o-", label=f"{label} ({pts[-1][3]:,} images at largest N)")
+        ax2.plot([r[0] for r in pts], [r[5] for r in pts], "o-", label=f"{label}: client")
+        if phase != "load":
+            ax2.plot([r[0] for r in pts], [r[6] for r in pts], "x--", label=f"{label}: server process (anon)")
+    for ax, title, ylabel in ((ax1, "wall time", "seconds"), (ax2, "peak memory", "MB")):
+        ax.set_xscale("log")
+        ax.set_xlabel("N (train images; test = N/5)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=7)
+    ax1.set_yscale("log")
+    fig.suptitle(f"cnnsql growth (cnnsql study growth, session {session})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(ctx, args) -> dict:
+    from cnnsql import db, results
+
+    weights = weights_path(args)
+    conn = db.connect()
+    db.ensure_schema(conn)
+    with conn.cursor() as cur:
+        cur.execute(db.sql_file("growth.sql"))
+    conn.commit()
+    session = args.session or results.new_session_id()
+    postmaster = postmaster_pid(conn)
+    rows, checks = [], []
+    for n in (int(x) for x in args.sizes.split(",") if x):
+        measure_size(ctx, conn, args, weights, session, n, postmaster, rows, checks)
+    if args.plot:
+        plot(conn, session, args.plot)
+        ctx.say(f"plot: {args.plot}")
+    conn.close()
+    return {"rows": rows, "checks": checks, "session": session, "table": "growth_point", "weights": str(weights),
+            "server_sampled": postmaster is not None, "plot": str(args.plot) if args.plot else None}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child_main(sys.argv[2:])
+    else:
+        raise SystemExit("run it as `cnnsql study growth`")
