@@ -10,7 +10,7 @@ from cnnsql.data.images import insert_image
 
 ap = argparse.ArgumentParser()
 ap.add_argument("image")
-ap.add_argument("--engine", default="TorchCNN", choices=["TorchCNN", "TensorflowCNN", "VeloxCNN"])
+ap.add_argument("--engine", default="TorchCNN", choices=["TorchCNN", "TensorflowCNN", "VeloxCNN", "OnnxruntimeCNN"])
 args = ap.parse_args()
 
 with db.connection() as conn:

@@ -8,7 +8,7 @@ import time
 from cnnsql.placements import evadb_session
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--engine", default="TorchCNN", choices=["TorchCNN", "TensorflowCNN", "VeloxCNN", "Classify"])
+ap.add_argument("--engine", default="TorchCNN", choices=["TorchCNN", "TensorflowCNN", "VeloxCNN", "OnnxruntimeCNN", "Classify"])
 ap.add_argument("--limit", type=int, default=10)
 args = ap.parse_args()
 

@@ -8,4 +8,5 @@ CREATE DATABASE pg WITH ENGINE = 'postgres', PARAMETERS = {"user": "$user", "pas
 CREATE OR REPLACE FUNCTION TorchCNN IMPL '$udf_dir/torch_cnn.py' weights '$weights' threads $threads;
 CREATE OR REPLACE FUNCTION TensorflowCNN IMPL '$udf_dir/tensorflow_cnn.py' weights '$weights' threads $threads;
 CREATE OR REPLACE FUNCTION VeloxCNN IMPL '$udf_dir/velox_cnn.py' weights '$weights' threads $threads;
+CREATE OR REPLACE FUNCTION OnnxruntimeCNN IMPL '$udf_dir/onnxruntime_cnn.py' weights '$weights' threads $threads;
 CREATE OR REPLACE FUNCTION Classify IMPL '$udf_dir/classify.py' weights '$weights' threads $threads engine '$engine';

@@ -15,7 +15,7 @@ from cnnsql.core.errors import CnnsqlError
 
 PROMPT, CONTINUE = "evadb=# ", "evadb-# "
 BANNER = ("EvaDB shell (cnnsql). Data source: pg (cifar_train, cifar_test, ...). Functions: TorchCNN, "
-          "TensorflowCNN, VeloxCNN.\nEnd statements with ';'. Example: SELECT id, TorchCNN(img) FROM pg.cifar_test "
+          "TensorflowCNN, VeloxCNN, OnnxruntimeCNN.\nEnd statements with ';'. Example: SELECT id, TorchCNN(img) FROM pg.cifar_test "
           "WHERE id < 5;\nType EXIT; or Ctrl-D to leave.")
 
 

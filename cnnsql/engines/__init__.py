@@ -11,6 +11,7 @@ ENGINES = {
     "torch": "cnnsql.engines.torch_engine:TorchEngine",
     "tensorflow": "cnnsql.engines.tensorflow_engine:TensorflowEngine",
     "velox": "cnnsql.engines.velox_engine:VeloxEngine",
+    "onnxruntime": "cnnsql.engines.onnxruntime_engine:OnnxruntimeEngine",
 }
 
 # Per-framework settings the studies compare (`cnnsql study raw_speed`): label -> constructor options.
@@ -24,6 +25,9 @@ VARIANTS = {
                    "default": {},
                    "tf.function + XLA, 64-chunks": {"jit_compile": True}},
     "velox": {"default": {}},
+    "onnxruntime": {"default": {},
+                    "whole batch per run": {"chunk": None},
+                    "basic graph optimisation": {"optimization": "basic"}},
 }
 
 
