@@ -29,7 +29,7 @@ from cnnsql.measure import stats
 from cnnsql.results import render
 
 STUDIES = ("raw_speed", "velox_ceiling", "agreement", "load_speed", "sql_path", "sql_memory", "indb_speed",
-           "pg_readers", "growth", "listeners")
+           "pg_readers", "growth", "listeners", "evadb_ray_mode")
 
 
 def load(name: str):
