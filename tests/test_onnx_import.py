@@ -142,3 +142,40 @@ def test_external_data_and_bad_files_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_import, "MAX_WEIGHTS_BYTES", 1000)
     with pytest.raises(CnnsqlError, match=r"bytes, more than 1,000"):
         from_onnx(path, "m")
+
+
+def test_a_keras_functional_model_through_tf2onnx(tmp_path):
+    """Keras (NHWC) -> tf2onnx -> cnnsql: the input transpose, depthwise conv, residual add, batch norm,
+    global average pooling and squeeze; every engine gives Keras's answers."""
+    tf2onnx = pytest.importorskip("tf2onnx")
+    from cnnsql.engines.tensorflow_engine import import_tf
+
+    tf = import_tf()
+    L = tf.keras.layers
+    tf.keras.utils.set_random_seed(3)
+    inp = tf.keras.Input((SHAPE[1], SHAPE[2], SHAPE[0]))
+    y = L.Conv2D(6, 3, padding="same", activation="relu")(inp)
+    z = L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same")(y))
+    s = L.ReLU(max_value=6.0)(L.Add()([y, z]))
+    g = L.GlobalAveragePooling2D()(L.MaxPooling2D(2)(s))
+    model = tf.keras.Model(inp, L.Dense(4, activation="softmax")(L.Dropout(0.1)(g)))
+    bn = model.layers[3]
+    rng = np.random.default_rng(4)
+    bn.set_weights([rng.uniform(0.5, 1.5, 6), rng.uniform(-0.2, 0.2, 6), rng.uniform(-0.5, 0.5, 6),
+                    rng.uniform(0.5, 1.5, 6)])
+    model.layers[-1].set_weights([model.layers[-1].get_weights()[0], rng.uniform(-0.5, 0.5, 4)])
+    sig = (tf.TensorSpec((None, SHAPE[1], SHAPE[2], SHAPE[0]), tf.float32, name="x"),)
+    tf2onnx.convert.from_keras(model, input_signature=sig, opset=13, output_path=str(tmp_path / "k.onnx"))
+    spec, arrays = from_onnx(tmp_path / "k.onnx", "k")
+    assert spec.input_shape == SHAPE and "relu6" in [layer.kind for layer in spec.layers]
+    x = images(6, seed=2)
+    want = model(np.transpose(x, (0, 2, 3, 1)).astype(np.float32) / 255, training=False).numpy()
+    assert np.abs(reference.forward(spec, arrays, x) - want).max() < 1e-5
+    from cnnsql.models.weights import Weights
+
+    w = Weights(arrays={k: v.astype(np.float32) for k, v in arrays.items()}, manifest={"model": spec.to_dict()})
+    for engine in ("torch", "tensorflow", "velox"):
+        e = get_engine(engine, w, threads=2)
+        got = e.predict(x)
+        getattr(e, "close", lambda: None)()
+        assert np.array_equal(got.argmax(1), want.argmax(1)) and np.abs(got - want).max() < 1e-4, engine

@@ -11,11 +11,15 @@ description layers, in the file's (topological) order:
   BatchNormalization           batchnorm (inference form)
   Relu, Clip(0, 6)             relu, relu6
   Add                          add (two computed inputs); a constant added to a MatMul's output is its bias
+  Mul, Add by a constant       per channel (or feature): a batchnorm (gamma, beta), merged in sequence
+                               (how tf2onnx writes a Keras BatchNormalization that follows no conv)
   Concat (axis 1)              concat
   MaxPool, AveragePool         maxpool, avgpool (pads; AveragePool with pads only without count_include_pad)
   GlobalAveragePool,           global_avgpool
   ReduceMean over (2, 3) keeping them
-  Flatten (axis 1), Reshape    flatten (Reshape only to (batch, -1) or (batch, features))
+  Flatten (axis 1), Reshape,   flatten (Reshape only to (batch, -1) or (batch, features), Squeeze only
+  Squeeze                      of the 1 x 1 map a global pooling leaves)
+  Transpose                    only NHWC -> NCHW right after the input (Keras through tf2onnx)
   Gemm, MatMul (+ Add)         dense
   Softmax (last axis)          softmax (appended when the model ends in logits)
   Dropout, Identity            the tensor they read
@@ -36,8 +40,8 @@ from cnnsql.models import model_spec as M
 from cnnsql.models.weights import MAX_WEIGHTS_BYTES
 
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Add", "Concat", "MaxPool", "AveragePool",
-             "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Gemm", "MatMul", "Softmax", "Dropout",
-             "Identity")
+             "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Squeeze", "Gemm", "MatMul", "Softmax",
+             "Dropout", "Identity", "Transpose (input NHWC -> NCHW)")
 FOLDABLE = ("Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Mul", "Add",
             "Sub", "Div", "Identity", "Slice")
 BATCH = -(1 << 40)   # the batch dimension in folded shapes (Shape of the input)
@@ -91,9 +95,6 @@ def from_onnx(path: Path, name: str, input_shape=None):
         raise CnnsqlError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
                           "export it with torch.onnx.export or a Keras converter") from None
     graph = model.graph
-    for opset in model.opset_import:
-        if opset.domain not in ("", "ai.onnx"):
-            raise CnnsqlError(f"{source}: uses operator domain {opset.domain[:60]!r}", "cnnsql reads standard ONNX operators")
 
     def array(t):
         if t.data_location == onnx.TensorProto.EXTERNAL or t.external_data:
@@ -110,6 +111,12 @@ def from_onnx(path: Path, name: str, input_shape=None):
     if len(dims) != 4:
         raise CnnsqlError(f"{source}: input {inputs[0].name!r} has {len(dims)} dimensions, expected (batch, C, H, W)",
                           "cnnsql imports image models in NCHW layout")
+    # Keras through tf2onnx: an NHWC input whose only reader is a Transpose to NCHW
+    first = [n for n in graph.node if inputs[0].name in n.input]
+    nhwc = None
+    if len(first) == 1 and first[0].op_type == "Transpose" and list(_attrs(first[0]).get("perm", [])) == [0, 3, 1, 2]:
+        nhwc = first[0]
+        dims = [dims[0], dims[3], dims[1], dims[2]]
     shape = tuple(input_shape) if input_shape else tuple(dims[1:])
     if any(d is None or d < 1 for d in shape):
         raise CnnsqlError(f"{source}: the input's C, H, W are not fixed ({dims[1:]})", "give --input CxHxW")
@@ -120,11 +127,15 @@ def from_onnx(path: Path, name: str, input_shape=None):
     arrays: dict[str, np.ndarray] = {}
     where: dict[str, str] = {inputs[0].name: M.INPUT}   # tensor -> layer name reading it
     shapes: dict[str, tuple] = {inputs[0].name: shape}
+    if nhwc is not None:
+        where[nhwc.output[0]], shapes[nhwc.output[0]] = M.INPUT, shape
     readers: dict[str, int] = {}
     for n in graph.node:
         for t in n.input:
             readers[t] = readers.get(t, 0) + 1
     matmul_of: dict[str, str] = {}   # tensor -> dense layer name (a MatMul whose bias is still zero)
+    affine_of: dict[str, str] = {}   # tensor -> batchnorm layer made of a constant Mul/Add (more may fold in)
+    affine_names: set[str] = set()
 
     def emit(node, layer: M.Layer, out_shape) -> None:
         layers.append(layer)
@@ -133,6 +144,8 @@ def from_onnx(path: Path, name: str, input_shape=None):
 
     for idx, node in enumerate(graph.node):
         op = node.op_type
+        if node is nhwc:
+            continue
         if node.domain not in ("", "ai.onnx"):
             raise _unsupported(source, node, f"domain {node.domain}")
         computed = [t for t in node.input if t and t in where]
@@ -180,18 +193,31 @@ def from_onnx(path: Path, name: str, input_shape=None):
             if lo is None or hi is None or float(np.asarray(lo)) != 0.0 or float(np.asarray(hi)) != 6.0:
                 raise _unsupported(source, node, f"Clip({lo}, {hi}) (only Clip(0, 6), relu6)")
             layer = M.node("relu6", lname, xin)
-        elif op == "Add":
-            other = node.input[1]
-            if other in where:
-                layer = M.node("add", lname, [xin, where[other]])
-            elif other in consts and x in matmul_of and readers.get(x) == 1:
-                dense = matmul_of.pop(x)
-                bias = np.asarray(consts[other], np.float64).reshape(-1)
-                arrays[f"{dense}.bias"] = np.broadcast_to(bias, arrays[f"{dense}.bias"].shape) + arrays[f"{dense}.bias"]
+        elif op == "Add" and node.input[1] in where:
+            layer = M.node("add", lname, [xin, where[node.input[1]]])
+        elif op in ("Add", "Mul"):   # by a constant: a MatMul's bias, or a per-channel scale/shift (batchnorm)
+            c = _per_channel(consts.get(node.input[1]), xs)
+            if c is None:
+                raise _unsupported(source, node, "a constant that is neither a MatMul's bias nor per channel")
+            target = matmul_of.pop(x, None) if op == "Add" and readers.get(x) == 1 else None
+            target = target or (affine_of.pop(x, None) if readers.get(x) == 1 else None)
+            if target is not None and op == "Add":          # shift the layer that wrote x
+                arrays[f"{target}.bias"] = arrays[f"{target}.bias"] + c
+            elif target is not None and target in affine_names:  # scale an affine layer: both its parameters
+                arrays[f"{target}.weight"] = arrays[f"{target}.weight"] * c
+                arrays[f"{target}.bias"] = arrays[f"{target}.bias"] * c
+            if target is not None:
                 where[node.output[0]], shapes[node.output[0]] = xin, xs
+                if target in affine_names:
+                    affine_of[node.output[0]] = target
                 continue
-            else:
-                raise _unsupported(source, node, "adds a constant that is not a MatMul's bias")
+            eps = 1e-5                                       # (x - 0) / sqrt(1 - eps + eps) * gamma + beta
+            one, zero = np.ones(xs[0]), np.zeros(xs[0])
+            gamma, beta = (c, zero) if op == "Mul" else (one, c)
+            layer = M.Layer("batchnorm", name=lname, eps=eps, inputs=(xin,))
+            params = [gamma, beta, zero, np.full(xs[0], 1.0 - eps)]
+            affine_names.add(lname)
+            affine_of[node.output[0]] = lname
         elif op == "Concat":
             if any(t not in where for t in node.input):
                 raise _unsupported(source, node, "concatenates a constant")
@@ -229,6 +255,14 @@ def from_onnx(path: Path, name: str, input_shape=None):
         elif op == "Flatten":
             if a.get("axis", 1) != 1:
                 raise _unsupported(source, node, f"axis {a.get('axis')} (only 1)")
+            layer = M.node("flatten", lname, xin)
+        elif op == "Squeeze":
+            axes = a.get("axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = consts.get(node.input[1])
+            axes = sorted(int(v) % 4 for v in np.asarray(axes).reshape(-1)) if axes is not None else None
+            if axes != [2, 3] or len(xs) != 3 or xs[1:] != (1, 1):
+                raise _unsupported(source, node, f"squeeze of axes {axes} (only the 1x1 map after global pooling)")
             layer = M.node("flatten", lname, xin)
         elif op == "Reshape":
             target = consts.get(node.input[1])
@@ -268,7 +302,7 @@ def from_onnx(path: Path, name: str, input_shape=None):
             raise _unsupported(source, node)
         if op == "Conv":
             arrays[f"{lname}.weight"], arrays[f"{lname}.bias"] = w, np.asarray(bias)
-        elif op == "BatchNormalization":
+        elif op == "BatchNormalization" or layer.kind == "batchnorm":
             for p, v in zip(("weight", "bias", "running_mean", "running_var"), params):
                 arrays[f"{lname}.{p}"] = v
         try:
@@ -289,6 +323,22 @@ def from_onnx(path: Path, name: str, input_shape=None):
     except CnnsqlError as exc:
         raise CnnsqlError(f"{source}: {exc.problem}", exc.hint) from None
     return spec, arrays
+
+
+def _per_channel(c, shape) -> np.ndarray | None:
+    """A constant that broadcasts over the channels (or features) of a (C, H, W) or (F,) tensor -> (C,)."""
+    if c is None:
+        return None
+    c = np.asarray(c, np.float64)
+    n = shape[0]
+    if c.size == 1:
+        return np.full(n, float(c.reshape(-1)[0]))
+    squeezed = c.reshape([d for d in c.shape if d != 1] or [1])
+    expected = (n, 1, 1) if len(shape) == 3 else (n,)
+    trailing = c.shape[-len(expected):] if c.ndim >= len(expected) else None
+    if squeezed.shape == (n,) and trailing == expected and all(d == 1 for d in c.shape[:-len(expected)]):
+        return squeezed
+    return None
 
 
 def _pads(node, a: dict, source: str, k: int):
