@@ -14,9 +14,9 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-data peer-evadb bench-sql db-start db-stop shell report clean plpython chromium
+.PHONY: setup test test-fast test-data peer-evadb bench-sql db-start db-stop shell report clean plpython chromium pgbouncer
 # setup: the venv, and PL/Python for the in-PostgreSQL placement (installed as root with apt-get;
-# otherwise one line names the package to install). test also wants chromium for the report test.
+# otherwise one line names the package to install). test also wants chromium and pgbouncer.
 setup: $(STAMP) plpython
 
 $(STAMP): pyproject.toml
@@ -35,15 +35,19 @@ ifeq ($(GPU),1)
 endif
 	@touch $(STAMP)
 
-# Debian packages beyond the venv: PL/Python 3 for PostgreSQL 15 (`cnnsql db functions`), chromium.
+# Debian packages beyond the venv: PL/Python 3 for PostgreSQL 15 (`cnnsql db functions`), chromium (the
+# report's browser test), PgBouncer (`cnnsql db pooler`).
 plpython:
 	@bash scripts/system-deps.sh plpython
 
 chromium:
 	@bash scripts/system-deps.sh chromium
 
+pgbouncer:
+	@bash scripts/system-deps.sh pgbouncer
+
 # The whole suite (unit and integration, real PostgreSQL, EvaDB, Velox, Ray).
-test: setup chromium
+test: setup chromium pgbouncer
 	$(BIN)/python -m pytest -q tests
 
 # The inner loop: unit tests only (no database, no servers), under a minute.

@@ -4,6 +4,7 @@
 # caller: what is missing only turns a placement or a test off, and the caller says so.
 #   scripts/system-deps.sh plpython   # PL/Python 3 for the in-PostgreSQL placement (make setup)
 #   scripts/system-deps.sh chromium   # headless chromium for the report's browser test (make test)
+#   scripts/system-deps.sh pgbouncer  # PgBouncer for the pooled many-clients placement (cnnsql db pooler)
 set -u
 PG_MAJOR="${PG_MAJOR:-15}"
 
@@ -11,6 +12,7 @@ have() {
     case "$1" in
         plpython) test -f "/usr/share/postgresql/$PG_MAJOR/extension/plpython3u.control" ;;
         chromium) command -v chromium >/dev/null 2>&1 ;;
+        pgbouncer) test -x /usr/sbin/pgbouncer || command -v pgbouncer >/dev/null 2>&1 ;;
     esac
 }
 
@@ -18,6 +20,7 @@ for what in "$@"; do
     case "$what" in
         plpython) pkg="postgresql-plpython3-$PG_MAJOR"; use="the in-PostgreSQL placement (cnnsql db functions)" ;;
         chromium) pkg="chromium"; use="the report's browser test" ;;
+        pgbouncer) pkg="pgbouncer"; use="the connection pooler for many clients (cnnsql db pooler)" ;;
         *) echo "system-deps.sh: unknown dependency $what" >&2; exit 2 ;;
     esac
     have "$what" && continue

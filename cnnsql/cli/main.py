@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def cmd_db(args) -> int:
         from cnnsql.placements.pgfunctions import functions_command
 
         return functions_command(args)
+    if args.action == "pooler":
+        return pooler_command(args)
     if args.what:
         raise CnnsqlError(f"`cnnsql db {args.action}` takes no {args.what!r}", "did you mean `cnnsql db functions "
                           f"{args.what}`?")
@@ -40,6 +43,10 @@ def cmd_db(args) -> int:
         target = db.resolve(autostart=True)
         print(f"PostgreSQL running: {target.display()}")
     elif args.action == "stop":
+        from cnnsql.db.pooler import Pooler
+
+        if Pooler(cluster).stop():
+            print("pooler stopped")
         print("stopped" if cluster.stop() else "not running")
     elif args.action == "status":
         if external:
@@ -49,6 +56,38 @@ def cmd_db(args) -> int:
             running = cluster.status()
             print(f"private cluster at {cluster.data}: {'running' if running else 'stopped'}")
             return 0 if running else 3
+    return 0
+
+
+def pooler_command(args) -> int:
+    """`cnnsql db pooler start|stop|status|url`: PgBouncer in front of the private cluster."""
+    from psycopg2.extensions import make_dsn
+
+    from cnnsql import db
+    from cnnsql.db.pooler import Pooler
+
+    if config.external_dsn() is not None:
+        raise CnnsqlError("CNNSQL_DSN or PG* variables point at an external server; the pooler fronts the private "
+                          "cluster only", "unset them, or run PgBouncer beside your own server")
+    action = args.what or "status"
+    pooler = Pooler(db.private_cluster())
+    if action == "start":
+        db.resolve(autostart=True)  # the cluster running and its database created
+        pooler.start(pool_size=args.pool_size)
+        print(f"PgBouncer running on 127.0.0.1:{pooler.port} (transaction pooling, pool size "
+              f"{args.pool_size or os.cpu_count()}); connect with: {db.Target(make_dsn(**pooler.conninfo(config.database_name())), True).url()}")
+    elif action == "stop":
+        print("pooler stopped" if pooler.stop() else "pooler not running")
+    elif action == "status":
+        running = pooler.status()
+        print(f"pooler: {'running on 127.0.0.1:' + str(pooler.port) if running else 'stopped'}")
+        return 0 if running else 3
+    elif action == "url":
+        if not pooler.status():
+            raise CnnsqlError("the pooler is not running", "run `cnnsql db pooler start`")
+        print(db.Target(make_dsn(**pooler.conninfo(config.database_name())), True).url())
+    else:
+        raise CnnsqlError(f"unknown pooler action {action!r}", "use start, stop, status or url")
     return 0
 
 
@@ -134,9 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("db", help="the private PostgreSQL cluster (or the external one in CNNSQL_DSN)")
-    d.add_argument("action", choices=["start", "stop", "status", "url", "functions"],
+    d.add_argument("action", choices=["start", "stop", "status", "url", "functions", "pooler"],
                    help="start/stop the private cluster; status; url prints a DSN for psql; "
-                        "functions install|remove|status: the CNN as SQL functions inside PostgreSQL")
+                        "functions install|remove|status: the CNN as SQL functions inside PostgreSQL; "
+                        "pooler start|stop|status|url: PgBouncer (transaction pooling) in front of it")
+    d.add_argument("--pool-size", type=_positive, default=None,
+                   help="pooler start: server connections shared by all clients (default: one per core)")
     from cnnsql.placements.pgfunctions import register as register_functions
 
     register_functions(d)

@@ -376,8 +376,9 @@ def status(target: db.Target) -> tuple[list[str], bool]:
 
 def register(db_parser) -> None:
     """Options of `cnnsql db functions ...` (the `db` parser's positional `action` takes 'functions')."""
-    db_parser.add_argument("what", nargs="?", choices=["install", "remove", "status"],
-                           help="with `functions`: install, remove or show the in-database CNN functions")
+    db_parser.add_argument("what", nargs="?", choices=["install", "remove", "status", "start", "stop", "url"],
+                           help="with `functions`: install, remove or show the in-database CNN functions; "
+                                "with `pooler`: start, stop, status or url")
     db_parser.add_argument("--engines", default=",".join(ENGINES),
                            help="functions install: engines to install (default: all)")
     db_parser.add_argument("--weights", type=Path, default=None,
@@ -388,8 +389,9 @@ def register(db_parser) -> None:
 
 
 def functions_command(args) -> int:
-    if args.what is None:
-        raise CnnsqlError("`cnnsql db functions` needs an action", "use install, remove or status")
+    if args.what not in ("install", "remove", "status"):
+        raise CnnsqlError(f"`cnnsql db functions` needs an action{', not ' + repr(args.what) if args.what else ''}",
+                          "use install, remove or status")
     target = db.resolve(autostart=config.external_dsn() is None)
     if args.what == "status":
         lines, ok = status(target)

@@ -5,7 +5,8 @@ A study is one module in this folder with
     NAME, the module docstring (its method: what is timed, on what data, how often),
     NEEDS_DATABASE (True: it reads the loaded dataset or a server),
     SMOKE (arguments of a run on a tiny input: tests/test_studies.py runs every study with them),
-    arguments(parser), and run(ctx, args) -> {"rows": [...], "checks": [...], ...}.
+    arguments(parser), and run(ctx, args) -> {"rows": [...], "checks": [...], ...}; "tables": [keys]
+    names further lists of rows to print.
 The runner (`cnnsql study NAME [options]`) times through the harness's loop (measure.stats.interleave:
 warm-up, interleaved repetitions, the noise verdict), takes engines from cnnsql.engines.ENGINES, and
 writes one JSON file per run to results/studies/NAME/ (method, settings, machine, load, figures, checks)
@@ -28,7 +29,7 @@ from cnnsql.core.errors import CnnsqlError
 from cnnsql.measure import stats
 from cnnsql.results import render
 
-STUDIES = ("raw_speed", "velox_ceiling", "agreement", "load_speed", "sql_path", "sql_memory", "indb_speed",
+STUDIES = ("raw_speed", "velox_ceiling", "agreement", "load_speed", "clients", "sql_path", "sql_memory", "indb_speed",
            "pg_readers", "growth", "listeners", "evadb_ray_mode")
 
 
@@ -110,9 +111,12 @@ def run(name: str, argv: list[str]) -> dict:
     out = args.out or results_dir() / name / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1, default=_plain) + "\n")
-    rows = figures.get("rows", [])
-    if rows:
-        print(render.text_table(list(rows[0]), [[r.get(k) for k in rows[0]] for r in rows]))
+    for key in ("rows", *figures.get("tables", ())):  # a study names its further tables of rows
+        rows = figures.get(key) or []
+        if rows:
+            if key != "rows":
+                print(f"\n{key}:")
+            print(render.text_table(list(rows[0]), [[r.get(k) for k in rows[0]] for r in rows]))
     print(f"{name}: {doc['verdict']} ({verdict_line(checks, ctx.noise)})")
     print(f"result: {out}")
     doc["path"] = str(out)
