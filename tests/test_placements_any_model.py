@@ -58,11 +58,28 @@ def stored(name: str):
 @pytest.mark.parametrize("name", DATASETS)
 def test_functions_inside_postgres_run_another_shape_and_model(name, weights_files):
     engines = ["torch", "tensorflow", "velox"] if name == "digits_rgb" else ["torch"]
-    out = run_cli("db", "functions", "install", "--weights", str(weights_files[name]), "--engines", ",".join(engines))
+    check_functions(name, weights_files[name], engines)
+
+
+@pytest.mark.usefixtures("need_plpython")
+def test_functions_inside_postgres_run_a_graph_model(weights_files, server_tmp):
+    """A version-2 graph (resnet20: residual adds, option-B shortcuts, global pooling) on the grey
+    digits, every engine inside PostgreSQL against the raw engine."""
+    name = "digits_grey"
+    with db.connection() as conn:
+        ds = datasets.info(conn, name)
+    spec = model_spec.resolve("resnet20", ds.shape, ds.num_classes)
+    path = server_subdir(server_tmp, "any-model-graph") / "resnet20.npz"
+    W.save_weights(path, W.random_weights(7, spec).arrays, {"trained_by": "random", "seed": 7}, spec)
+    check_functions(name, path, ["torch", "tensorflow", "velox"])
+
+
+def check_functions(name, weights_path, engines):
+    out = run_cli("db", "functions", "install", "--weights", str(weights_path), "--engines", ",".join(engines))
     ids, images = stored(name)
     for engine in engines:
         assert f"cnnsql.{engine.capitalize()}CNN: works inside the server" in out.stdout, out.stdout
-        raw = Predictor.load(engine, weights_files[name], threads=1)
+        raw = Predictor.load(engine, weights_path, threads=1)
         want = raw.predict(images)
         with db.connection() as c, c.cursor() as cur:
             cur.execute(f"""SELECT p.id, p.label, p.class_name, p.probs FROM (
