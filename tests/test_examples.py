@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -35,3 +36,15 @@ def test_classify_png(random_weights_file, loaded, tmp_path):
     out = run_example("classify_png.py", str(picture), "--engine", "TensorflowCNN",
                       env={"CNNSQL_WEIGHTS": str(random_weights_file)})
     assert out.startswith("frog.png: ") and "(p=" in out
+
+
+@pytest.mark.integration   # runs the CLI and every engine
+@pytest.mark.parametrize("source", ["torch", "keras"])
+def test_import_onnx(source, tmp_path):
+    if source == "keras":
+        pytest.importorskip("tf2onnx")
+    out = run_example("import_onnx.py", "--from", source, "--dir", str(tmp_path))
+    assert "(cnnsql model v2)" in out and f"every engine gives {source}'s answers" in out
+    for engine in ("torch", "tensorflow", "velox", "onnxruntime"):
+        assert f"{engine}: top-1 8/8 as {source}" in out
+    assert (tmp_path / "model.npz").is_file() and (tmp_path / "model.json").is_file()
