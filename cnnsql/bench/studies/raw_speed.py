@@ -28,7 +28,7 @@ def arguments(ap) -> None:
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated (default: all)")
     ap.add_argument("--variants", default="", help="comma-separated variant labels (default: all of each engine)")
     ap.add_argument("--models", default="study", help="comma-separated built-ins or description .json files "
-                    "(default: study; every built-in: study,lenet5,vgg)")
+                    "(default: study; every built-in: study,lenet5,vgg,resnet20,mobilenet_small)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for every engine (default 2)")
     ap.add_argument("--batch-sizes", default="1,64,256")
     ap.add_argument("--images", type=int, default=1024, help="images per timed call (at least one batch)")
