@@ -64,8 +64,8 @@ def register_bench(sub) -> None:
     b.add_argument("--dataset", default=d.dataset, metavar="NAME",
                    help="cifar10 (default) or a dataset loaded with `cnnsql load --images DIR --dataset NAME`")
     b.add_argument("--model", default=d.model, metavar="NAME|FILE",
-                   help="built-in (study, lenet5, vgg; default study), a description .json, or a weights .npz; "
-                        "without --weights, <weights dir>/<dataset>-<model>.npz is used, trained if missing")
+                   help="built-in (study, lenet5, vgg, resnet20, mobilenet_small; default study), a description .json, "
+                        "or a weights .npz; without --weights, <weights dir>/<dataset>-<model>.npz is used, trained if missing")
     b.add_argument("--weights", type=Path, default=d.weights,
                    help="weights file (default: $CNNSQL_WEIGHTS or .cnnsql/weights/default.npz, trained if missing)")
     b.add_argument("--repetitions", type=_count(1), default=d.repetitions,

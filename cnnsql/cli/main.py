@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a CNN on the train split and write a weights file")
     tr.add_argument("--framework", choices=["torch", "tensorflow"], default="torch")
-    tr.add_argument("--model", default=None, metavar="NAME|FILE", help="a built-in (study, lenet5, vgg; default "
-                    "study) sized to the dataset, or a model description .json")
+    tr.add_argument("--model", default=None, metavar="NAME|FILE", help="a built-in (study, lenet5, vgg, "
+                    "resnet20, mobilenet_small; default study) sized to the dataset, or a model description .json")
     tr.add_argument("--dataset", default=None, metavar="NAME", help="cifar10 (default) or a dataset loaded "
                     "with `cnnsql load --images`")
     tr.add_argument("--epochs", type=_positive, default=None, help="default: the framework's tuned default")

@@ -75,6 +75,18 @@ def _loopback_environment() -> dict:
             "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def use_environment(env: dict) -> None:
+    """Set Ray's environment in this process. Ray reads its authentication mode and token once, at
+    import: when it was imported before (EvaDB imports it), its cached settings are reset so that it
+    reads them again, else this process would talk without the token to processes that require it."""
+    os.environ.update(env)
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        AuthenticationTokenLoader.instance().reset_cache()
+        Config.initialize("")
+
+
 def init(address: str | None, num_cpus: int) -> Path | None:
     """ray.init for cnnsql; returns the private temp folder of a local instance (None when remote)."""
     if address:
@@ -87,7 +99,7 @@ def init(address: str | None, num_cpus: int) -> Path | None:
                               "check --address and that `ray start --head` runs there") from None
         return None
     tmp = private_dir()
-    os.environ.update(_loopback_environment())
+    use_environment(_loopback_environment())
     import ray
     from ray._common import utils as ray_utils
     from ray._private import ray_constants

@@ -37,9 +37,11 @@ def arguments(ap) -> None:
 
 
 def run(ctx, args) -> dict:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node IP = 127.0.0.1: loopback listeners
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    from cnnsql.placements import ray_local
+
+    # node IP = 127.0.0.1 (loopback listeners); token authentication, a fresh token
+    ray_local.use_environment({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+                               "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)})
     from cnnsql.engines import engine_class
     from cnnsql.measure import stats
     from cnnsql.placements import evadb_session
