@@ -114,6 +114,40 @@ def test_a_constant_folded_export_imports_too(tmp_path):
     assert np.abs(reference.forward(spec, arrays, x) - pytorch_answer(model, x)).max() < 1e-5
 
 
+def test_a_one_input_concat_and_a_mean_without_keepdims(tmp_path):
+    """torch.cat of one tensor (densenet's blocks) passes it on; x.mean([2, 3]) (mnasnet's head, ReduceMean
+    without keepdims) is global pooling then flatten."""
+    import torch
+    from torch import nn
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 6, 3, padding=1)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return torch.softmax(self.fc(torch.cat([self.c(x)], 1).mean([2, 3])), 1)
+
+    torch.manual_seed(1)
+    model = Head().eval()
+    for fold in (False, True):
+        spec, arrays = from_onnx(export(model, tmp_path / f"h{fold}.onnx", fold=fold), "h")
+        assert [layer.kind for layer in spec.layers] == ["conv2d", "global_avgpool", "flatten", "dense", "softmax"]
+        x = images(6, seed=2)
+        want = pytorch_answer(model, x)
+        assert np.abs(reference.forward(spec, arrays, x) - want).max() < 1e-5
+        assert np.abs(get_engine("torch", _weights(spec, arrays, tmp_path)).predict(x) - want).max() < 1e-4
+
+
+def _weights(spec, arrays, tmp_path):
+    from cnnsql.models import weights as W
+
+    path = tmp_path / "h.npz"
+    W.save_weights(path, arrays, {"trained_by": "onnx"}, spec)
+    return W.load_weights(path)
+
+
 def test_the_first_unsupported_node_is_named_in_one_line(tmp_path):
     from torch import nn
 

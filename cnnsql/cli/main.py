@@ -168,7 +168,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cnnsql", description="Compare PyTorch, TensorFlow and Velox on CIFAR-10 in PostgreSQL, driven by SQL.")
+    p = _Parser(prog="cnnsql", description="Compare PyTorch, TensorFlow, Velox and ONNX Runtime on images in PostgreSQL, "
+                                              "driven by SQL.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

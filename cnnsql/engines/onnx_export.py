@@ -1,5 +1,5 @@
 """A model description and its weights as an ONNX graph (opset 17), written by cnnsql itself with the
-`onnx` package: what the ONNX Runtime engine runs, and what `cnnsql export --onnx` would hand to other tools.
+`onnx` package: what the ONNX Runtime engine runs.
 
 The graph takes the stored images as they are: input `images`, uint8 (N, C, H, W); it casts them to
 float32 and scales by 1/255 (as every engine does), then one ONNX node per layer, in the description's

@@ -13,10 +13,10 @@ description layers, in the file's (topological) order:
   Add                          add (two computed inputs); a constant added to a MatMul's output is its bias
   Mul, Add by a constant       per channel (or feature): a batchnorm (gamma, beta), merged in sequence
                                (how tf2onnx writes a Keras BatchNormalization that follows no conv)
-  Concat (axis 1)              concat
+  Concat (axis 1)              concat (of one input: that input)
   MaxPool, AveragePool         maxpool, avgpool (pads; AveragePool with pads only without count_include_pad)
   GlobalAveragePool,           global_avgpool
-  ReduceMean over (2, 3) keeping them
+  ReduceMean over (2, 3)       global_avgpool (without keepdims: then flatten)
   Flatten (axis 1), Reshape,   flatten (Reshape only to (batch, -1) or (batch, features), Squeeze only
   Squeeze                      of the 1 x 1 map a global pooling leaves)
   Transpose                    only NHWC -> NCHW right after the input (Keras through tf2onnx)
@@ -159,9 +159,24 @@ def from_onnx(path: Path, name: str, input_shape=None):
         xin = where[x]
         xs = shapes[x]
         lname = _ident(node.name or node.output[0], used, f"{op.lower()}{idx}")
-        if op in ("Dropout", "Identity"):
-            where[node.output[0]], shapes[node.output[0]] = xin, xs
+        if op in ("Dropout", "Identity") or op == "Concat" and len([t for t in node.input if t]) == 1:
+            where[node.output[0]], shapes[node.output[0]] = xin, xs  # a one-input Concat passes it on
             continue
+        if op == "ReduceMean" and not a.get("keepdims", 1) and len(xs) == 3:  # mean over H, W without keepdims:
+            axes = a.get("axes")                                                 # global pooling, then flatten
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = consts.get(node.input[1])
+            if axes is not None and sorted(int(v) % 4 for v in np.asarray(axes).reshape(-1)) == [2, 3]:
+                pool = M.node("global_avgpool", lname, xin)
+                flat = M.node("flatten", _ident(lname + "_flatten", used, f"flatten{idx}"), lname)
+                try:
+                    out_shape = M.partial_shapes(name, shape, [*layers, pool, flat])[-1]
+                except CnnsqlError as exc:
+                    raise CnnsqlError(f"{source}: node {(node.name or node.output[0])[:80]!r} ({op}): {exc.problem}",
+                                      exc.hint) from None
+                layers.append(pool)
+                emit(node, flat, out_shape)
+                continue
         if op == "Conv":
             w = consts.get(node.input[1]) if len(node.input) > 1 else None
             if w is None or w.ndim != 4:
@@ -250,7 +265,7 @@ def from_onnx(path: Path, name: str, input_shape=None):
                 axes = consts.get(node.input[1])
             axes = sorted(int(v) % 4 for v in np.asarray(axes).reshape(-1)) if axes is not None else None
             if axes != [2, 3] or not a.get("keepdims", 1) or len(xs) != 3:
-                raise _unsupported(source, node, f"axes {axes} (only the global average over H, W, keepdims)")
+                raise _unsupported(source, node, f"axes {axes} (only the global average over H and W)")
             layer = M.node("global_avgpool", lname, xin)
         elif op == "Flatten":
             if a.get("axis", 1) != 1:

@@ -150,10 +150,10 @@ def fit_torch(x, y, *, epochs, batch_size, seed, device, threads, progress, lr, 
     fmt = torch.channels_last
     model = build_model(spec).to(dev).to(memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    labels = torch.from_numpy(y)
+    labels = torch.from_numpy(np.array(y))  # a copy: the fetched arrays are read-only
 
     def as_input(images: np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
+        t = torch.from_numpy(np.array(images)).to(dev)  # a copy of the batch: its rows are read-only
         return t.to(torch.float32).div_(255.0).contiguous(memory_format=fmt)
 
     def step(idx):

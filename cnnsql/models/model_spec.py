@@ -358,7 +358,7 @@ def _summary(layer: Layer) -> str:
     return layer.kind
 
 
-def _bad(spec_name: str, problem: str, hint: str = "see README 'Model description'") -> CnnsqlError:
+def _bad(spec_name: str, problem: str, hint: str = "see docs/models-and-data.md, 'Model description'") -> CnnsqlError:
     return CnnsqlError(f"model {spec_name!r}: {problem}", hint)
 
 
@@ -580,10 +580,10 @@ def _layer_shape(spec: ModelSpec, i: int, layer: Layer, shape: Shape) -> Shape:
 def from_dict(d: dict, source: str = "model description") -> ModelSpec:
     """Parse a JSON object (as `to_dict` writes it). Raises CnnsqlError naming the first problem."""
     if not isinstance(d, dict):
-        raise CnnsqlError(f"{source}: a model description must be a JSON object", "see README 'Model description'")
+        raise CnnsqlError(f"{source}: a model description must be a JSON object", "see docs/models-and-data.md, 'Model description'")
     if d.get("format") != FORMAT:
         raise CnnsqlError(f"{source}: not a cnnsql model description (format {d.get('format')!r}, expected {FORMAT!r})",
-                          "see README 'Model description'")
+                          "see docs/models-and-data.md, 'Model description'")
     version = d.get("version")
     if version not in VERSIONS or isinstance(version, bool):
         raise CnnsqlError(f"{source}: model description version {version if isinstance(version, int) else repr(str(version)[:20])} is not supported "
@@ -593,7 +593,7 @@ def from_dict(d: dict, source: str = "model description") -> ModelSpec:
     if not isinstance(raw_layers, list) or not isinstance(inp, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in inp):
         raise CnnsqlError(f"{source}: needs 'input' [channels, height, width] and a 'layers' list",
-                          "see README 'Model description'")
+                          "see docs/models-and-data.md, 'Model description'")
     if len(raw_layers) > MAX_LAYERS:
         raise CnnsqlError(f"{source}: {len(raw_layers)} layers, at most {MAX_LAYERS}")
     allowed = {f.name for f in fields(Layer)}
@@ -606,7 +606,7 @@ def from_dict(d: dict, source: str = "model description") -> ModelSpec:
         unknown = set(raw) - allowed
         if unknown:
             raise CnnsqlError(f"{source}: layer {i} ({raw['kind']}) has unknown fields {sorted(unknown)}",
-                              "see README 'Model description'")
+                              "see docs/models-and-data.md, 'Model description'")
         for key in ("padding", "inputs"):
             if isinstance(raw.get(key), list) and len(raw[key]) > 64:
                 raise CnnsqlError(f"{source}: layer {i} ({raw['kind']}) field {key!r} has {len(raw[key])} entries")
@@ -633,7 +633,7 @@ def from_json(text: str, source: str = "model description") -> ModelSpec:
     try:
         d = json.loads(text)
     except ValueError as exc:
-        raise CnnsqlError(f"{source} is not valid JSON: {str(exc)[:200]}", "see README 'Model description'") from None
+        raise CnnsqlError(f"{source} is not valid JSON: {str(exc)[:200]}", "see docs/models-and-data.md, 'Model description'") from None
     return from_dict(d, source)
 
 
