@@ -33,7 +33,7 @@ LINE = re.compile(r"^\s*\((\w+)\):\s*(\w+)\((.*)\)\s*$")
 def _unsupported(what: str, source: str) -> CnnsqlError:
     return CnnsqlError(f"{source}: unsupported layer {what}",
                        "cnnsql models use conv2d, relu, max/avg pool, batch norm, flatten, dense, dropout, softmax "
-                       "(README 'Model description')")
+                       "(docs/models-and-data.md, 'Model description')")
 
 
 def _size_check(path: Path, limit: int) -> None:
