@@ -32,7 +32,8 @@ LINE = re.compile(r"^\s*\((\w+)\):\s*(\w+)\((.*)\)\s*$")
 
 def _unsupported(what: str, source: str) -> CnnsqlError:
     return CnnsqlError(f"{source}: unsupported layer {what}",
-                       "cnnsql models use conv2d, relu, max/avg pool, batch norm, flatten, dense, dropout, softmax "
+                       "cnnsql models use conv2d (grouped, depthwise), relu, relu6, max/avg pool, global average pool, "
+                       "batch norm, add, concat, flatten, dense, dropout, softmax; ONNX graphs: cnnsql import --onnx "
                        "(docs/models-and-data.md, 'Model description')")
 
 
