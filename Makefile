@@ -14,7 +14,8 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-data peer-evadb bench-sql db-start db-stop shell report clean plpython chromium pgbouncer
+.PHONY: setup test test-fast test-data peer-evadb bench-sql db-start db-stop shell report clean plpython chromium pgbouncer \
+	docker-bench docker-test
 # setup: the venv, and PL/Python for the in-PostgreSQL placement (installed as root with apt-get;
 # otherwise one line names the package to install). test also wants chromium and pgbouncer.
 setup: $(STAMP) plpython
@@ -65,6 +66,18 @@ PEER ?= ../shared/peer/evadb-0.3.9
 peer-evadb: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps mock==5.2.0 eva-decord==0.6.1 opencv-python-headless==5.1.0.95
 	PEER_PYTHON=$(abspath $(BIN))/python PEER_PATCH=cnnsql.placements.evadb_patch:install bash $(PEER)/run.sh
+
+# The container set-up (docker/): the app and PostgreSQL 15 images built, `cnnsql bench` on a reduced
+# setting in the app container against the PostgreSQL container (private network, data read-only, the
+# session JSON in docker/results), then everything removed. docker compose where a Docker engine runs,
+# else podman (as root, installed with apt-get). CIFAR_ARCHIVE=PATH mounts CIFAR-10; without it, synthetic.
+docker-bench:
+	bash scripts/docker-bench.sh
+
+# The same, checked (CI): fails unless the table printed, runs were logged in the container's PostgreSQL,
+# the session JSON reached the host and nothing was left behind.
+docker-test:
+	RESULTS_DIR=$$(mktemp -d /tmp/cnnsql-docker-XXXXXX) bash scripts/docker-bench.sh
 
 bench-sql: setup
 	$(BIN)/cnnsql bench $(BENCH_ARGS)

@@ -1,4 +1,6 @@
-"""Docker files checked statically (no Docker engine runs on these machines)."""
+"""Docker files checked statically: lint, compose schema, the build context, and that the compose file
+and the podman steps of scripts/docker-bench.sh (which builds and runs the stack: `make docker-test`,
+run by CI) say the same thing."""
 from __future__ import annotations
 
 import re
@@ -32,10 +34,63 @@ def test_compose_file_matches_the_compose_spec():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_compose_passes_the_dsn_from_the_environment_and_never_a_literal_password():
-    text = (REPO / "docker" / "docker-compose.yml").read_text()
-    assert "CNNSQL_DSN:" in text and "${POSTGRES_PASSWORD:?" in text
-    assert "5432:5432" not in text  # the database is not published on the host
+def compose() -> dict:
+    import yaml  # PyYAML comes with the [test] extra (check-jsonschema)
+
+    return yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+
+
+def test_compose_passes_the_password_as_a_secret_and_never_a_literal():
+    c = compose()
+    assert c["secrets"]["pg_password"] == {"environment": "POSTGRES_PASSWORD"}
+    pg, app = c["services"]["postgres"], c["services"]["app"]
+    assert pg["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/pg_password" and "POSTGRES_PASSWORD" not in pg["environment"]
+    assert "pg_password" in pg["secrets"] and "pg_password" in app["secrets"]
+    assert app["environment"]["CNNSQL_DSN"] == "postgresql://cnnsql@postgres:5432/cnnsql"  # no password in the DSN
+    for name in ("docker/Dockerfile", "docker/docker-compose.yml"):
+        code = "\n".join(l for l in (REPO / name).read_text().splitlines() if not l.lstrip().startswith("#"))
+        assert not re.search(r"PASSWORD\s*[:=]\s*\S", code.replace("POSTGRES_PASSWORD_FILE:", "")), name
+
+
+def test_compose_gates_the_app_on_a_healthy_database_on_a_private_network():
+    c = compose()
+    pg, app = c["services"]["postgres"], c["services"]["app"]
+    assert app["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert pg["healthcheck"]["test"][:3] == ["CMD", "pg_isready", "-h"]  # TCP: not ready while initdb runs
+    assert "ports" not in pg and "ports" not in app  # nothing published on the host
+    assert c["networks"]["db"]["internal"] is True and pg["networks"] == app["networks"] == ["db"]
+    assert "pgdata:/var/lib/postgresql/data" in pg["volumes"] and "pgdata" in c["volumes"]
+    assert any(v.endswith(":/data/cifar:ro") for v in app["volumes"])  # the data read-only
+    assert pg["image"] == "${CNNSQL_POSTGRES_IMAGE:-postgres:15}"
+    assert app["build"]["args"]["BASE"] == "${CNNSQL_PYTHON_BASE:-python:3.11-slim-bookworm}"
+
+
+def test_the_podman_steps_match_the_compose_file():
+    c = compose()
+    script = (REPO / "scripts" / "docker-bench.sh").read_text()
+    pg, app = c["services"]["postgres"], c["services"]["app"]
+    assert "--health-cmd '" + " ".join(pg["healthcheck"]["test"][1:]) + "'" in script
+    assert "CNNSQL_DSN=" + app["environment"]["CNNSQL_DSN"] in script
+    assert "network create --internal" in script and "--network-alias postgres" in script
+    assert "POSTGRES_PASSWORD_FILE=" + pg["environment"]["POSTGRES_PASSWORD_FILE"] in script
+    assert app["environment"]["BENCH_ARGS"] == "${BENCH_ARGS:-" + re.search(
+        r'BENCH_ARGS="\$\{BENCH_ARGS:-(.*?)\}"', script).group(1) + "}"
+
+
+def test_the_image_runs_as_a_user_and_installs_the_pins_of_pyproject():
+    text = (REPO / "docker" / "Dockerfile").read_text()
+    assert "ARG BASE=python:3.11-slim-bookworm" in text
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("0", "root")
+    assert "['project']['dependencies']" in text and "--no-deps -e ." in text
+
+
+@pytest.mark.parametrize("script", ["scripts/docker-base.sh", "scripts/docker-bench.sh", "docker/bench.sh",
+                                    "docker/postgres/entrypoint.sh"])
+def test_the_container_scripts_parse(script):
+    shell = "bash" if script.startswith("scripts/") else "sh"
+    proc = subprocess.run([shell, "-n", script], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 # --- the build context (.dockerignore) ---------------------------------------------------------
@@ -79,7 +134,7 @@ def dockerignore_rules() -> list[str]:
 
 # What a working tree holds that must never reach the image: the private cluster's data and password
 # file, EvaDB catalogs, downloads, weights, the venv, results, git history, secrets.
-PRIVATE = [".cnnsql/pg/pgpass", ".cnnsql/pg/data/global/pg_control", ".cnnsql/evadb/evadb.db",
+PRIVATE = ["docker/results/20261205T120000-abc.json", ".cnnsql/pg/pgpass", ".cnnsql/pg/data/global/pg_control", ".cnnsql/evadb/evadb.db",
            ".cnnsql/downloads/cifar-10-python.tar.gz", ".cnnsql/weights/default.npz", ".venv/bin/python",
            "results/report/index.html", "weights/mine.npz", "data/cifar-10-batches-py/data_batch_1",
            "docker/data/cifar-10-python.tar.gz", ".git/config", "cnnsql/__pycache__/cli.cpython-311.pyc",
