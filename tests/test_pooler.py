@@ -91,3 +91,52 @@ def test_clients_study_through_the_pool(pooler, loaded, server_tmp, tmp_path):
     # three clients through a pool of one: no client waits for a framework to load
     assert cells[("pooler", 3)]["warm_s"] < 1.0 <= doc["pool_warm_s"] + 1.0
     assert not pooler.status()  # the study stops the pooler it started
+
+
+@pytest.mark.parametrize("via", ["direct", "pooler"])
+def test_a_client_killed_mid_query_leaves_no_busy_backend(pooler, via):
+    """A client killed (SIGKILL) while its query runs: the backend stops the query within seconds
+    (client_connection_check_interval; through PgBouncer, the pooler drops the server connection),
+    and the pool serves the next client."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cnnsql import db
+    from cnnsql.core import config
+
+    pooler.start(pool_size=1)
+    try:
+        info = (pooler if via == "pooler" else pooler.cluster).conninfo(config.database_name())
+        tag = f"cnnsql-killed-{via}"
+        code = ("import psycopg2, sys; c = psycopg2.connect(**eval(sys.argv[1])); c.autocommit = True; "
+                f"c.cursor().execute(\"SELECT /* {tag} */ pg_sleep(60)\")")
+        child = subprocess.Popen([sys.executable, "-c", code, repr(info)])
+
+        def running() -> int:
+            with db.connection() as c, c.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s "
+                            "AND pid <> pg_backend_pid()",
+                            (f"%/* {tag} */%",))
+                return cur.fetchone()[0]
+
+        deadline = time.monotonic() + 30
+        while running() == 0:
+            assert time.monotonic() < deadline and child.poll() is None, "the query never started"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        killed = time.monotonic()
+        while running():
+            assert time.monotonic() - killed < 10, "the backend still runs the killed client's query"
+            time.sleep(0.2)
+        conn = psycopg2.connect(**info, connect_timeout=10)  # the pool (of one) serves the next client
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+        finally:
+            conn.close()
+    finally:
+        pooler.stop()

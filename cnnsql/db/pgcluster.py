@@ -26,6 +26,7 @@ from cnnsql.core.errors import CnnsqlError
 
 PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin",)
 SUPERUSER = "cnnsql"
+CLIENT_CHECK_MS = 1000
 SETTINGS = {
     "listen_addresses": "'127.0.0.1'",
     "unix_socket_permissions": "0700",
@@ -323,8 +324,10 @@ class PrivateCluster:
         with safefs.open_append(self.logfile, 0o600, *self._owner()):  # the server appends; never through a link
             pass
         offset = self.logfile.stat().st_size
+        # a backend whose client is gone (killed mid-query, or a pooler that dropped it) stops its query
+        # within a second instead of computing it to the end (checked between a function's calls)
         proc = self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60",
-                         "start", check=False)
+                         "-o", f"-c client_connection_check_interval={CLIENT_CHECK_MS}", "start", check=False)
         if proc.returncode != 0 and not self.status():
             raise CnnsqlError(f"private PostgreSQL did not start: {self._log_cause(offset) or proc.stderr.strip()}",
                               self._start_hint(offset))
