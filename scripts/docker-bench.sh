@@ -57,7 +57,9 @@ else
     if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v mmdebstrap >/dev/null; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             say "installing podman, runc and mmdebstrap (apt-get)"
+            t0=$SECONDS
             { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap; } >/dev/null
+            say "installed in $((SECONDS - t0)) s"
         else
             echo "docker-bench: error: no Docker engine and no podman (as root: apt-get install podman runc mmdebstrap)" >&2
             exit 1
