@@ -85,6 +85,17 @@ def test_the_image_runs_as_a_user_and_installs_the_pins_of_pyproject():
     assert "['project']['dependencies']" in text and "--no-deps -e ." in text
 
 
+def test_ci_builds_and_runs_the_stack():
+    """The real check is `make docker-test` (images built, the benchmark run in the app container); CI
+    runs it, and the app container's password reaches libpq as a pgpass file (EvaDB's empty password
+    makes libpq ignore PGPASSWORD)."""
+    ci = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^timeout \d+ make docker-test$", ci, re.M)
+    assert re.search(r"^docker-test:", (REPO / "Makefile").read_text(), re.M)
+    bench = (REPO / "docker" / "bench.sh").read_text()
+    assert "PGPASSFILE=/dev/shm/" in bench and "umask 077" in bench
+
+
 @pytest.mark.parametrize("script", ["scripts/docker-base.sh", "scripts/docker-bench.sh", "docker/bench.sh",
                                     "docker/postgres/entrypoint.sh"])
 def test_the_container_scripts_parse(script):
