@@ -73,13 +73,18 @@ def test_bad_rows_give_null_predictions_not_made_up_ones(weights_env, conn):
 SECRET = "s3cr@t%:pass/word"  # '@', '%' and ':' broke EvaDB's URL when the password went into it
 
 
-def test_dsn_password_never_reaches_evadb_or_its_catalog(loaded, conn, weights_env, tmp_path):
-    """A server given by DSN with a password: queries work, and no file or message holds the password."""
+@pytest.mark.parametrize("given", ["dsn", "PGPASSWORD"])
+def test_dsn_password_never_reaches_evadb_or_its_catalog(loaded, conn, weights_env, tmp_path, given):
+    """A server given by DSN with a password (in the DSN, or in PGPASSWORD as libpq users give it):
+    queries work, and no file or message holds the password."""
     from cnnsql import db
 
     port = db.private_cluster().tcp_conninfo("cnnsql")["port"]
     with conn.cursor() as cur:
-        cur.execute("DROP ROLE IF EXISTS cnnsql_dsn_tester")
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = 'cnnsql_dsn_tester'")
+        if cur.fetchone():  # made by the other parametrization: its grants go first
+            cur.execute("DROP OWNED BY cnnsql_dsn_tester")
+            cur.execute("DROP ROLE cnnsql_dsn_tester")
         cur.execute("CREATE ROLE cnnsql_dsn_tester LOGIN PASSWORD %s", (SECRET,))
         cur.execute("GRANT USAGE ON SCHEMA cnnsql_bytes TO cnnsql_dsn_tester")
         cur.execute("GRANT SELECT ON cifar_test, cnnsql_bytes.cifar_test_bytes TO cnnsql_dsn_tester")
@@ -92,6 +97,8 @@ def test_dsn_password_never_reaches_evadb_or_its_catalog(loaded, conn, weights_e
               "print('files', len(files), 'leaks', sum(sys.argv[2].encode() in p.read_bytes() for p in files), modes)\n")
     dsn = f"host=127.0.0.1 port={port} dbname=cnnsql user=cnnsql_dsn_tester password='{SECRET}'"
     env = {**os.environ, **weights_env, "CNNSQL_DSN": dsn, "CNNSQL_HOME": str(home)}
+    if given == "PGPASSWORD":
+        env["CNNSQL_DSN"], env["PGPASSWORD"] = dsn.replace(f" password='{SECRET}'", ""), SECRET
     env.pop("PGPASSFILE", None)
     proc = subprocess.run([sys.executable, "-c", script, str(home), SECRET], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -44,13 +44,14 @@ def evadb_params(target: db.Target, private_dir: Path) -> dict[str, str]:
     params = {"user": p.get("user") or os.environ.get("PGUSER") or os.environ.get("USER", ""),
               "host": host, "port": p.get("port") or os.environ.get("PGPORT") or "5432",
               "database": p.get("dbname") or os.environ.get("PGDATABASE") or ""}
-    if p.get("password"):
-        os.environ["PGPASSFILE"] = str(_pgpass_file(private_dir, params, p["password"]))
+    password = p.get("password") or os.environ.get("PGPASSWORD")  # EvaDB passes an explicit empty password,
+    if password:                                                    # so libpq would not read PGPASSWORD itself
+        os.environ["PGPASSFILE"] = str(_pgpass_file(private_dir, params, password))
     return params
 
 
 def _pgpass_file(private_dir: Path, params: dict, password: str) -> Path:
-    """The DSN's password as a libpq pgpass entry in this process's 0700 folder (file 0600, removed
+    """The DSN's (or PGPASSWORD's) password as a libpq pgpass entry in this process's 0700 folder (file 0600, removed
     at exit with the folder). EvaDB connects with an empty password, which makes libpq read it."""
     def field(value: str) -> str:
         return value.replace("\\", "\\\\").replace(":", "\\:")
