@@ -45,3 +45,20 @@ def test_session_files_carry_no_host_name_or_folder_layout():
 
     assert results._anonymous_host("build-7.corp (x86_64, AMD EPYC, 2 cpus, Linux)") == "x86_64, AMD EPYC, 2 cpus, Linux"
     assert results._file_name("/home/alice/projects/cnnsql/.cnnsql/weights/default.npz") == "default.npz"
+
+
+def sql_runs(**ips):
+    """One offline SQL run per engine: images/s with a +-5% spread of repetitions."""
+    return pd.DataFrame([dict(engine=e, images_per_s=v, n_rows=1000, wall_s=1000 / v, wall_min_s=1000 / (1.05 * v),
+                              wall_max_s=1000 / (0.95 * v)) for e, v in ips.items()])
+
+
+def test_the_report_says_whether_the_study_frameworks_include_the_pick():
+    """The answer sets the engine a user could pick instead (ONNX Runtime) against the fastest framework
+    the study compares, with the verdict its repetitions support."""
+    line = report.pick(sql_runs(torch=1500.0, tensorflow=1000.0, velox=5.0, onnxruntime=2000.0))
+    assert line.startswith("ONNX Runtime, which a user could run instead, does 1.33x the images/s of PyTorch")
+    assert line.endswith("ONNX Runtime is the pick here, not a framework the study compares.")
+    assert report.pick(sql_runs(torch=1500.0, onnxruntime=800.0)).endswith("the study's PyTorch remains the pick here.")
+    assert "no clear pick" in report.pick(sql_runs(tensorflow=1000.0, onnxruntime=1020.0))
+    assert report.pick(sql_runs(torch=1500.0, velox=5.0)) is None  # no alternative ran: nothing to say

@@ -13,6 +13,10 @@ ENGINES = {
     "velox": "cnnsql.engines.velox_engine:VeloxEngine",
     "onnxruntime": "cnnsql.engines.onnxruntime_engine:OnnxruntimeEngine",
 }
+# How reports name each engine, and which engines are not among the frameworks the study compares
+# but a dedicated inference runtime a user could pick instead (the report says whether to).
+LABELS = {"torch": "PyTorch", "tensorflow": "TensorFlow", "velox": "Velox", "onnxruntime": "ONNX Runtime"}
+ALTERNATIVES = frozenset({"onnxruntime"})
 
 # Per-framework settings the studies compare (`cnnsql study raw_speed`): label -> constructor options.
 # "default" is what every placement runs. chunk=None: a whole batch in one framework call.

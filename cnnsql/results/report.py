@@ -16,6 +16,7 @@ import pandas as pd
 
 from cnnsql import db
 from cnnsql.core.errors import CnnsqlError
+from cnnsql.engines import ALTERNATIVES, LABELS
 from cnnsql.results import render
 
 STUDY = {  # the seed study's claims
@@ -296,7 +297,7 @@ def placement_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-NAMES = {"torch": "PyTorch", "tensorflow": "TensorFlow", "velox": "Velox"}
+NAMES = LABELS
 
 
 def _model_of(weights: str) -> str | None:
@@ -405,17 +406,40 @@ def offline_rows(runs: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def lo_hi(r) -> tuple[float, float]:
+    """A run's slowest and fastest repetition in images/s."""
+    lo = r.n_rows / (r.wall_max_s if pd.notna(r.wall_max_s) else r.wall_s)
+    hi = r.n_rows / (r.wall_min_s if pd.notna(r.wall_min_s) else r.wall_s)
+    return lo, hi
+
+
+def pick(d: pd.DataFrame) -> str | None:
+    """Whether a framework the study compares is the one to pick: its fastest against the fastest
+    engine a user could pick instead (engines.ALTERNATIVES), on the runs in d (one per engine)."""
+    study, alt = d[~d.engine.isin(ALTERNATIVES)], d[d.engine.isin(ALTERNATIVES)]
+    if study.empty or alt.empty:
+        return None
+    a = study.sort_values("images_per_s").iloc[-1]
+    b = alt.sort_values("images_per_s").iloc[-1]
+    (alo, ahi), (blo, bhi) = lo_hi(a), lo_hi(b)
+    ratio, rlo, rhi = b.images_per_s / a.images_per_s, blo / ahi, bhi / alo
+    an, bn = NAMES.get(a.engine, a.engine), NAMES.get(b.engine, b.engine)
+    if rlo > 1:
+        verdict = f"{bn} is the pick here, not a framework the study compares"
+    elif rhi < 1:
+        verdict = f"the study's {an} remains the pick here"
+    else:
+        verdict = f"their repetitions overlap: no clear pick between {an} and {bn} here"
+    return (f"{bn}, which a user could run instead, does {ratio:.2f}x the images/s of {an}, the fastest framework "
+            f"the study compares (range {rlo:.2f}-{rhi:.2f}x, slowest against fastest repetitions): {verdict}.")
+
+
 def _lead(d: pd.DataFrame) -> str | None:
     """'A is fastest: x images/s [range], k times B [range]' for the runs in d (one per engine)."""
     if len(d) < 1:
         return None
     d = d.sort_values("images_per_s", ascending=False)
     a = d.iloc[0]
-
-    def lo_hi(r):
-        lo = r.n_rows / (r.wall_max_s if pd.notna(r.wall_max_s) else r.wall_s)
-        hi = r.n_rows / (r.wall_min_s if pd.notna(r.wall_min_s) else r.wall_s)
-        return lo, hi
     alo, ahi = lo_hi(a)
     text = f"{a.engine} ({_rng(a.images_per_s, alo, ahi, 1)} images/s)"
     if len(d) > 1:
@@ -436,6 +460,9 @@ def answer(runs: pd.DataFrame) -> list[str]:
         lead = _lead(off[off.kind == kind])
         if lead:
             lines.append(f"Fastest {label} on the same {n:,} test images: {lead}.")
+    choice = pick(off[off.kind == "sql"])
+    if choice:
+        lines.append(f"Through SQL, on this model, data and machine: {choice}")
     over = overhead_table(runs)
     if len(over):
         lines.append("SQL costs " + "; ".join(
