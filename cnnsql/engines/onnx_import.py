@@ -63,6 +63,15 @@ def _attrs(node) -> dict:
     return out
 
 
+def _axes(node, a: dict, consts: dict) -> list[int] | None:
+    """A ReduceMean's or Squeeze's axes (attribute, or a constant second input since opset 13/18),
+    sorted and non-negative for a 4-D tensor; None when not given."""
+    axes = a.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = consts.get(node.input[1])
+    return sorted(int(v) % 4 for v in np.asarray(axes).reshape(-1)) if axes is not None else None
+
+
 def _ident(text: str, used: set[str], fallback: str) -> str:
     name = re.sub(r"\W", "_", text or "").strip("_")[:60] or fallback
     if not name.isidentifier():
@@ -163,10 +172,7 @@ def from_onnx(path: Path, name: str, input_shape=None):
             where[node.output[0]], shapes[node.output[0]] = xin, xs  # a one-input Concat passes it on
             continue
         if op == "ReduceMean" and not a.get("keepdims", 1) and len(xs) == 3:  # mean over H, W without keepdims:
-            axes = a.get("axes")                                                 # global pooling, then flatten
-            if axes is None and len(node.input) > 1 and node.input[1]:
-                axes = consts.get(node.input[1])
-            if axes is not None and sorted(int(v) % 4 for v in np.asarray(axes).reshape(-1)) == [2, 3]:
+            if _axes(node, a, consts) == [2, 3]:                                # global pooling, then flatten
                 pool = M.node("global_avgpool", lname, xin)
                 flat = M.node("flatten", _ident(lname + "_flatten", used, f"flatten{idx}"), lname)
                 try:
@@ -260,10 +266,7 @@ def from_onnx(path: Path, name: str, input_shape=None):
         elif op == "GlobalAveragePool":
             layer = M.node("global_avgpool", lname, xin)
         elif op == "ReduceMean":
-            axes = a.get("axes")
-            if axes is None and len(node.input) > 1 and node.input[1]:
-                axes = consts.get(node.input[1])
-            axes = sorted(int(v) % 4 for v in np.asarray(axes).reshape(-1)) if axes is not None else None
+            axes = _axes(node, a, consts)
             if axes != [2, 3] or not a.get("keepdims", 1) or len(xs) != 3:
                 raise _unsupported(source, node, f"axes {axes} (only the global average over H and W)")
             layer = M.node("global_avgpool", lname, xin)
@@ -272,10 +275,7 @@ def from_onnx(path: Path, name: str, input_shape=None):
                 raise _unsupported(source, node, f"axis {a.get('axis')} (only 1)")
             layer = M.node("flatten", lname, xin)
         elif op == "Squeeze":
-            axes = a.get("axes")
-            if axes is None and len(node.input) > 1 and node.input[1]:
-                axes = consts.get(node.input[1])
-            axes = sorted(int(v) % 4 for v in np.asarray(axes).reshape(-1)) if axes is not None else None
+            axes = _axes(node, a, consts)
             if axes != [2, 3] or len(xs) != 3 or xs[1:] != (1, 1):
                 raise _unsupported(source, node, f"squeeze of axes {axes} (only the 1x1 map after global pooling)")
             layer = M.node("flatten", lname, xin)
