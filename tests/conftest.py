@@ -39,7 +39,8 @@ SHARED_ARCHIVE = _find_real_archive()
 # Hermetic: nothing of the user's environment reaches a test (their server, their data, their state folder)
 for var in ("CNNSQL_DSN", "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE", "PGPASSWORD",
             "PGPASSFILE", "PGSERVICEFILE", "PGSSLMODE", "CIFAR10_PATH", "KERAS_HOME", "TORCH_HOME", "CNNSQL_DB",
-            "CNNSQL_HOME", "CNNSQL_RESULTS_DIR", "CNNSQL_PG_PORT", "CNNSQL_WEIGHTS", "CNNSQL_ENGINE", "CNNSQL_TEST_CIFAR"):
+            "CNNSQL_HOME", "CNNSQL_RESULTS_DIR", "CNNSQL_PG_PORT", "CNNSQL_POOLER_PORT", "CNNSQL_WEIGHTS", "CNNSQL_ENGINE",
+            "CNNSQL_TEST_CIFAR"):
     os.environ.pop(var, None)
 
 
