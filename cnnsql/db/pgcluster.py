@@ -53,8 +53,12 @@ def _valid_port(text: str, where: str) -> int:
     return port
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, reuse_addr: bool = False) -> bool:
+    """Nobody listens on 127.0.0.1:port. reuse_addr: a port a stopped server left in TIME_WAIT counts as
+    free (for a server that binds with SO_REUSEADDR itself, as PgBouncer does)."""
     with socket.socket() as s:
+        if reuse_addr:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cnnsql.core import safefs
 from cnnsql.core.errors import CnnsqlError
-from cnnsql.db.pgcluster import SUPERUSER, PrivateCluster, _valid_port
+from cnnsql.db.pgcluster import SUPERUSER, PrivateCluster, _port_free, _valid_port
 
 PORTS = range(6432, 6532)
 BINARIES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
@@ -39,18 +39,6 @@ def pgbouncer_bin() -> str:
         return found
     raise CnnsqlError("PgBouncer is not installed", "apt-get install pgbouncer (or run scripts/system-deps.sh pgbouncer "
                       "as root)")
-
-
-def _port_free(port: int) -> bool:
-    """Nobody listens on 127.0.0.1:port (a port left in TIME_WAIT by a stopped pooler counts as free:
-    PgBouncer binds with SO_REUSEADDR too)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 class Pooler:
@@ -93,18 +81,18 @@ class Pooler:
         wanted = os.environ.get("CNNSQL_POOLER_PORT")
         if wanted:
             port = _valid_port(wanted, "CNNSQL_POOLER_PORT")
-            if not _port_free(port):
+            if not _port_free(port, reuse_addr=True):
                 raise CnnsqlError(f"CNNSQL_POOLER_PORT={port} is in use by another program",
                                   "choose a free port or unset CNNSQL_POOLER_PORT")
             return port
         try:  # the pooler's own port again, so a client's URL outlives a restart
             previous = _valid_port(self.port_file.read_text().strip(), str(self.port_file))
-            if _port_free(previous):
+            if _port_free(previous, reuse_addr=True):
                 return previous
         except (OSError, CnnsqlError):
             pass
         for port in PORTS:
-            if _port_free(port):
+            if _port_free(port, reuse_addr=True):
                 return port
         raise CnnsqlError(f"no free TCP port in {PORTS.start}-{PORTS.stop - 1} for the pooler", "set CNNSQL_POOLER_PORT")
 

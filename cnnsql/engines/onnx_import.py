@@ -171,18 +171,6 @@ def from_onnx(path: Path, name: str, input_shape=None):
         if op in ("Dropout", "Identity") or op == "Concat" and len([t for t in node.input if t]) == 1:
             where[node.output[0]], shapes[node.output[0]] = xin, xs  # a one-input Concat passes it on
             continue
-        if op == "ReduceMean" and not a.get("keepdims", 1) and len(xs) == 3:  # mean over H, W without keepdims:
-            if _axes(node, a, consts) == [2, 3]:                                # global pooling, then flatten
-                pool = M.node("global_avgpool", lname, xin)
-                flat = M.node("flatten", _ident(lname + "_flatten", used, f"flatten{idx}"), lname)
-                try:
-                    out_shape = M.partial_shapes(name, shape, [*layers, pool, flat])[-1]
-                except CnnsqlError as exc:
-                    raise CnnsqlError(f"{source}: node {(node.name or node.output[0])[:80]!r} ({op}): {exc.problem}",
-                                      exc.hint) from None
-                layers.append(pool)
-                emit(node, flat, out_shape)
-                continue
         if op == "Conv":
             w = consts.get(node.input[1]) if len(node.input) > 1 else None
             if w is None or w.ndim != 4:
@@ -267,9 +255,12 @@ def from_onnx(path: Path, name: str, input_shape=None):
             layer = M.node("global_avgpool", lname, xin)
         elif op == "ReduceMean":
             axes = _axes(node, a, consts)
-            if axes != [2, 3] or not a.get("keepdims", 1) or len(xs) != 3:
+            if axes != [2, 3] or len(xs) != 3:
                 raise _unsupported(source, node, f"axes {axes} (only the global average over H and W)")
             layer = M.node("global_avgpool", lname, xin)
+            if not a.get("keepdims", 1):  # (N, C) out: the pooling, then a flatten of its 1 x 1 map
+                layers.append(layer)
+                layer = M.node("flatten", _ident(lname + "_flatten", used, f"flatten{idx}"), lname)
         elif op == "Flatten":
             if a.get("axis", 1) != 1:
                 raise _unsupported(source, node, f"axis {a.get('axis')} (only 1)")
