@@ -69,7 +69,7 @@ def cleanup(path: Path | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _loopback_environment() -> dict:
+def loopback_environment() -> dict:
     """Environment for the local Ray processes (set before `import ray`: read at import)."""
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
@@ -99,7 +99,7 @@ def init(address: str | None, num_cpus: int) -> Path | None:
                               "check --address and that `ray start --head` runs there") from None
         return None
     tmp = private_dir()
-    use_environment(_loopback_environment())
+    use_environment(loopback_environment())
     import ray
     from ray._common import utils as ray_utils
     from ray._private import ray_constants

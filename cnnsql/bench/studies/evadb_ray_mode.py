@@ -15,8 +15,6 @@ cnnsql/placements/ray_local.py), since EvaDB passes no such option.
 """
 from __future__ import annotations
 
-import os
-import secrets
 import tempfile
 from pathlib import Path
 
@@ -39,9 +37,8 @@ def arguments(ap) -> None:
 def run(ctx, args) -> dict:
     from cnnsql.placements import ray_local
 
-    # node IP = 127.0.0.1 (loopback listeners); token authentication, a fresh token
-    ray_local.use_environment({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-                               "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)})
+    # the Ray instance EvaDB starts: loopback listeners, token authentication with a fresh token
+    ray_local.use_environment(ray_local.loopback_environment())
     from cnnsql.engines import engine_class
     from cnnsql.measure import stats
     from cnnsql.placements import evadb_session
