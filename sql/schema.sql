@@ -59,6 +59,6 @@ CREATE OR REPLACE VIEW user_images AS
 -- CNN function (cnnsql/placements/evadb_patch): 3,072 bytes per image on the wire instead of 4,096
 -- characters, and no base64 work on either side. Anything else (SELECT img ...) reads the view.
 CREATE SCHEMA IF NOT EXISTS cnnsql_bytes;
-CREATE OR REPLACE VIEW cnnsql_bytes.cifar_train_bytes AS SELECT id, label, img FROM cifar_image_train;
-CREATE OR REPLACE VIEW cnnsql_bytes.cifar_test_bytes AS SELECT id, label, img FROM cifar_image_test;
+CREATE OR REPLACE VIEW cnnsql_bytes.cifar_train_bytes AS SELECT id, label, img FROM cifar_image_train WHERE split = 'train';
+CREATE OR REPLACE VIEW cnnsql_bytes.cifar_test_bytes AS SELECT id, label, img FROM cifar_image_test WHERE split = 'test';
 CREATE OR REPLACE VIEW cnnsql_bytes.user_images_bytes AS SELECT id, name, img FROM user_image;

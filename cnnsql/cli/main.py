@@ -221,8 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("predict", help="classify a split with one engine and write a CSV")
-    pr.add_argument("--engine", required=True, help="torch, tensorflow or velox")
+    pr = sub.add_parser("predict", help="classify a split with one engine into a CSV, or into a PostgreSQL table "
+                        "(--into) at any size", description="Classify a split with one engine. --out writes a CSV "
+                        "(the split is read into memory); --into TABLE writes a PostgreSQL table (id, label, "
+                        "class_name, probability, probs) chunk by chunk in one transaction, the CNN running in this "
+                        "process (--placement client), inside PostgreSQL (postgres) or through EvaDB (evadb).")
+    pr.add_argument("--engine", required=True, help="torch, tensorflow, velox or onnxruntime")
     pr.add_argument("--weights", type=Path, required=True)
     pr.add_argument("--split", default="test", choices=["train", "test"])
     pr.add_argument("--dataset", default=None, metavar="NAME", help="cifar10 (default) or a `cnnsql load --images` dataset")
@@ -230,7 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=_positive, default=None)
     pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     pr.add_argument("--threads", type=_positive, default=None)
-    pr.add_argument("--out", type=Path, required=True, help="CSV: id, label, predicted, p0..p<classes-1>")
+    out = pr.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", type=Path, help="CSV: id, label, predicted, p0..p<classes-1>")
+    out.add_argument("--into", metavar="[SCHEMA.]TABLE", help="a new PostgreSQL table of the predictions "
+                     "(docs/in-postgres.md); with --limit N the images with id < N")
+    pr.add_argument("--placement", default="client", choices=["client", "postgres", "evadb"],
+                    help="--into: where the CNN runs (default client: this process; postgres: the installed "
+                         "cnnsql.<E>cnn_batch function; evadb: an EvaDB query)")
+    pr.add_argument("--replace", action="store_true", help="--into: replace an existing table once the new one "
+                    "is complete")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_predict)
 

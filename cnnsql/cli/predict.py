@@ -12,6 +12,7 @@ from cnnsql import db
 from cnnsql.models import model_spec
 from cnnsql.engines import get_engine
 from cnnsql.models.weights import load_weights
+from cnnsql.core.errors import CnnsqlError
 
 
 def predict_images(engine, images: np.ndarray, batch_size: int | None = None, progress: bool = True) -> np.ndarray:
@@ -32,6 +33,10 @@ def write_csv(path, ids, labels, probs) -> None:
 
 
 def predict_command(args) -> None:
+    if args.into:
+        return into_table(args)
+    if args.placement != "client" or args.replace:
+        raise CnnsqlError("--placement and --replace go with --into TABLE", "a CSV (--out) is written by this process")
     weights = load_weights(args.weights)
     engine = get_engine(args.engine, weights, device=args.device, threads=args.threads)
     with db.connection() as conn:
@@ -42,3 +47,18 @@ def predict_command(args) -> None:
     write_csv(args.out, ids, labels, probs)
     acc = float((probs.argmax(1) == labels).mean())
     print(f"{len(ids)} predictions by {engine.name} -> {args.out} (accuracy {acc:.4f})", file=sys.stderr)
+
+
+def into_table(args) -> None:
+    from cnnsql.placements import writeback
+
+    if args.device != "cpu" and args.placement != "client":
+        raise CnnsqlError("--device applies to --placement client", "drop --device, or use --placement client")
+    done = writeback.write_back(into=args.into, engine=args.engine, weights=args.weights, placement=args.placement,
+                                dataset=args.dataset, split=args.split, limit=args.limit, replace=args.replace,
+                                threads=args.threads, batch_size=args.batch_size, device=args.device,
+                                progress=not args.quiet)
+    bad = f", {done.bad} bad image(s) with NULL outputs" if done.bad else ""
+    print(f"{done.rows} predictions by {done.engine} ({done.placement}) -> table {done.table} in "
+          f"{done.wall_s:.1f} s ({done.images_per_s:,.0f} images/s; before that {done.warmup_s:.1f} s to load the "
+          f"engine){bad}", file=sys.stderr)

@@ -161,3 +161,27 @@ def run(cursor, statement: str):
     except Exception as exc:  # EvaDB raises bare Exceptions with long messages
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CnnsqlError(f"EvaDB query failed: {first[:400]}", f"statement: {statement[:120]}") from exc
+
+
+def stream(cursor, statement: str):
+    """DataFrames of one EvaDB SELECT (no aggregates, GROUP BY or ORDER BY), batch by batch as EvaDB
+    computes them, for results too large to hold at once (`cnnsql predict --into`)."""
+    from evadb.parser.parser import Parser
+
+    from cnnsql.placements.evadb_patch.statement import stream_select
+
+    try:
+        statements = Parser().parse(statement)
+    except Exception as exc:  # EvaDB's parser raises bare Exceptions
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CnnsqlError(f"EvaDB could not parse the statement: {first[:400]}", f"statement: {statement[:120]}") from exc
+    if len(statements) != 1:
+        raise CnnsqlError(f"one statement streams at a time, not {len(statements)}", f"statement: {statement[:120]}")
+    try:
+        for batch in stream_select(cursor._evadb, statements[0]):
+            yield batch.frames
+    except CnnsqlError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CnnsqlError(f"EvaDB query failed: {first[:400]}", f"statement: {statement[:120]}") from exc

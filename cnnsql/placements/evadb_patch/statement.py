@@ -99,18 +99,34 @@ def execute_statement(evadb, stmt, do_not_raise_exceptions: bool = False, do_not
 def _execute(evadb, stmt, do_not_raise_exceptions, do_not_print_exceptions, **kwargs):
     if isinstance(stmt, SelectStatement) and is_aggregate(stmt):
         return run_aggregate(evadb, stmt, do_not_raise_exceptions, do_not_print_exceptions, **kwargs)
-    plan_generator = kwargs.get("plan_generator", PlanGenerator(evadb))
-    hints = {}
-    if not isinstance(stmt, SKIP_BINDER_AND_OPTIMIZER_STATEMENTS):
-        StatementBinder(StatementBinderContext(evadb.catalog)).bind(stmt)
-        hints = statement_hints(stmt)
-        physical_plan = plan_generator.build(StatementToPlanConverter().visit(stmt))
-    else:
-        physical_plan = stmt
+    hints, physical_plan = _bound_plan(evadb, stmt, kwargs)
     with scan_hints(hints):
         output = PlanExecutor(evadb, physical_plan).execute_plan(do_not_raise_exceptions, do_not_print_exceptions)
         if output:
             return Batch.concat(list(output), copy=False)
+
+
+def _bound_plan(evadb, stmt, kwargs: dict):
+    """(scan hints, physical plan) of a statement, as EvaDB's execute_statement builds it."""
+    if isinstance(stmt, SKIP_BINDER_AND_OPTIMIZER_STATEMENTS):
+        return {}, stmt
+    plan_generator = kwargs.get("plan_generator", PlanGenerator(evadb))
+    StatementBinder(StatementBinderContext(evadb.catalog)).bind(stmt)
+    return statement_hints(stmt), plan_generator.build(StatementToPlanConverter().visit(stmt))
+
+
+def stream_select(evadb, stmt):
+    """The result of a SELECT without aggregates, batch by batch as EvaDB's executor yields them (a
+    caller that writes each batch away holds one at a time); errors are raised."""
+    if not isinstance(stmt, SelectStatement) or is_aggregate(stmt) or stmt.orderby_list:
+        raise CnnsqlError("only a SELECT without aggregates, GROUP BY or ORDER BY streams its result",
+                          "run it as a query (cnnsql shell) instead")
+    with handler.one_statement():
+        hints, physical_plan = _bound_plan(evadb, stmt, {})
+        with scan_hints(hints):
+            for batch in PlanExecutor(evadb, physical_plan).execute_plan(False, True):
+                if batch is not None and len(batch):
+                    yield batch
 
 
 # --------------------------------------------------------------------------- aggregates
