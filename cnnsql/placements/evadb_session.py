@@ -117,8 +117,9 @@ def _alive(pid: int) -> bool:
 
 
 def connect(target: db.Target | None = None, evadb_dir: Path | None = None, *, weights=None, threads=None,
-            engine: str | None = None):
-    """An EvaDB cursor over a catalog in `evadb_dir` (default: one private to this process)."""
+            engine: str | None = None, plan_cache: bool = True):
+    """An EvaDB cursor over a catalog in `evadb_dir` (default: one private to this process). plan_cache:
+    repeated simple SELECTs skip EvaDB's planning (evadb_patch/plan_cache.py)."""
     quiet()
     import evadb
 
@@ -130,6 +131,7 @@ def connect(target: db.Target | None = None, evadb_dir: Path | None = None, *, w
     os.chmod(evadb_dir, 0o700)
     params = evadb_params(target, evadb_dir)
     cursor = evadb.connect(str(evadb_dir)).cursor()
+    cursor._evadb._cnnsql_plan_cache_off = not plan_cache
     quiet()  # EvaDB sets its log level when it starts
     _no_fsync_catalog(cursor)
     for statement in setup_statements(params, function_options(weights, threads, engine)):

@@ -8,6 +8,9 @@ Per engine, on the loaded dataset's test split (its first --limit images when gi
   offline: the benchmark's offline query (sql/queries/offline.sql) against the raw engine on the same
     images at its default batch, alternated raw, SQL, raw, SQL ... (--reps each after --warmup of each)
     so drift hits both; the SQL/raw ratio is the median of the per-pair ratios with their min and max.
+Both run twice over: through cnnsql's EvaDB as users get it (the plan cache on: placements/evadb_patch/
+plan_cache.py) and, interleaved with them, through a second EvaDB with the plan cache off (`uncached`,
+the baseline); two warm-up rounds at least, since a shape runs directly from its third execution.
 Timing and the noise verdict: measure.stats.interleave (the harness's loop). Checks: every SQL row's
 label equals the raw engine's top-1 (near-ties, top-2 within 1e-3, excepted) and every id comes back once;
 the one-image query answers its id. `--stock` times the one-image query on unpatched EvaDB in a child
@@ -77,6 +80,7 @@ def run(ctx, args) -> dict:
     where = f" WHERE id < {int(ids[-1]) + 1}" if args.limit and args.limit < ds.n_test else ""
     roots = server_roots(conn, target)
     cursor = evadb_session.connect(target, weights=weights, threads=args.threads)
+    uncached = evadb_session.connect(target, weights=weights, threads=args.threads, plan_cache=False)
     rows, checks, detail = [], [], {}
     for name in engines:
         engine = evadb_function.cached_engine(name, str(weights), "cpu", args.threads)
@@ -85,11 +89,13 @@ def run(ctx, args) -> dict:
         ctx.say(f"[{name}] one image: {args.single} x (raw call, `{query('single_stream', ds, function=function, id='K')}`)")
         cycle = itertools.cycle(range(n))
         one = ctx.interleaved({"raw": lambda: engine.predict(images[next(cycle)][None], 1),
-                               "sql": one_image_queries(cursor, ds, ids, function)},
-                              args.single, 1, roots=roots, judge_spread=False, label=f"{name} one image")
+                               "sql": one_image_queries(cursor, ds, ids, function),
+                               "sql_uncached": one_image_queries(uncached, ds, ids, function)},
+                              args.single, 2, roots=roots, judge_spread=False, label=f"{name} one image")
         ctx.say(f"[{name}] offline on {n} images: raw (batch {bs}) / `{q}`, {args.warmup} warm-up + {args.reps} rounds")
-        off = ctx.interleaved({"raw": lambda: engine.predict(images, bs), "sql": lambda: evadb_session.run(cursor, q)},
-                              args.reps, args.warmup, n_items=n, roots=roots, label=f"{name} offline")
+        off = ctx.interleaved({"raw": lambda: engine.predict(images, bs), "sql": lambda: evadb_session.run(cursor, q),
+                               "sql_uncached": lambda: evadb_session.run(uncached, q)},
+                              args.reps, max(2, args.warmup), n_items=n, roots=roots, label=f"{name} offline")
         raw_probs = engine.predict(images, bs)
         df = evadb_session.run(cursor, q)
         got = dict(zip(df["id"].astype(int), df["label"].astype(int)))
@@ -101,11 +107,14 @@ def run(ctx, args) -> dict:
         checks.append(check(f"{name}: SQL labels equal the raw engine's top-1", differ == 0,
                             f"{differ} of {n} differ (near-ties excepted)"))
         ratio = stats.paired_ratio(off["sql"]["walls"], off["raw"]["walls"])
+        base = stats.paired_ratio(off["sql_uncached"]["walls"], off["raw"]["walls"])
         rows.append({"engine": name, "images": n, "batch": bs,
                      "raw_img_per_s": off["raw"]["per_s"], "sql_img_per_s": off["sql"]["per_s"],
                      "sql_over_raw": ratio["median"], "ratio_range": [ratio["min"], ratio["max"]],
+                     "uncached_over_raw": base["median"], "uncached_range": [base["min"], base["max"]],
                      "raw_one_p50_ms": pct(one["raw"]["walls"], 50), "sql_one_p50_ms": pct(one["sql"]["walls"], 50),
-                     "sql_one_p99_ms": pct(one["sql"]["walls"], 99)})
+                     "sql_one_p99_ms": pct(one["sql"]["walls"], 99),
+                     "uncached_one_p50_ms": pct(one["sql_uncached"]["walls"], 50)})
         detail[name] = {"query": q, "offline": off, "one_image": one,
                         "raw_one_image_cpu_ms": 1000 * one["raw"]["cpu_s"], "sql_one_image_cpu_ms": 1000 * one["sql"]["cpu_s"]}
     conn.close()

@@ -48,6 +48,9 @@ STOCK_SOURCES = {
     "evadb.expression.logical_expression:LogicalExpression.__str__": "eab6fa88f0e28585",
     "evadb.server.command_handler:execute_statement": "08a8a7ae19573ad2",
     "evadb.catalog.sql_config:SingletonMeta.__call__": "4e2ab1b1bc0b7623",
+    "evadb.interfaces.relational.db:EvaDBCursor.query": "347c640ddd723e07",
+    "evadb.interfaces.relational.relation:EvaDBQuery.execute": "79a25f18e9abf2d6",
+    "evadb.parser.utils:parse_query": "553dbf629db0fc8e",
 }
 _state = {"installed": False, "checked": None}
 
@@ -95,11 +98,12 @@ def install() -> bool:
         return False
     from cnnsql.placements.evadb_patch import catalog
     from cnnsql.placements.evadb_patch import handler
+    from cnnsql.placements.evadb_patch import plan_cache
     from cnnsql.placements.evadb_patch import pushdown
     from cnnsql.placements.evadb_patch import statement
     from cnnsql.placements.evadb_patch import syntax
 
-    for part in (syntax, catalog, handler, pushdown, statement):
+    for part in (syntax, catalog, handler, pushdown, statement, plan_cache):
         part.install()
     _state["installed"] = True
     return True

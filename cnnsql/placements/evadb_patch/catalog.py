@@ -153,10 +153,17 @@ def _upsert_function_cost(self, function_id, name, cost):
         _STOCK["upsert_function_cost_catalog_entry"](self, function_id, name, cost)
 
 
+ON_CHANGE: list = []  # called after every catalog change (plan_cache.clear_all)
+
+
 def _invalidating(name: str):
     def call(self, *args, **kwargs):
         _memo(self).clear()
-        return _STOCK[name](self, *args, **kwargs)
+        try:
+            return _STOCK[name](self, *args, **kwargs)
+        finally:
+            for hook in ON_CHANGE:
+                hook()
     return call
 
 
