@@ -3,7 +3,7 @@ CREATE TABLE IF NOT EXISTS growth_point (
     point_id      bigserial PRIMARY KEY,
     session_id    text NOT NULL,
     n_images      integer NOT NULL,          -- `cnnsql load --synthetic N`: N train + N/5 test images
-    phase         text NOT NULL CHECK (phase IN ('load', 'raw', 'sql')),
+    phase         text NOT NULL,             -- load, raw, sql, or a write-back: client, postgres, evadb
     engine        text,                      -- raw/sql passes
     rows_read     integer NOT NULL,          -- images loaded (both splits) or read by the pass
     wall_s        double precision NOT NULL, -- load: the whole command; raw/sql: the timed pass (median)
@@ -17,3 +17,7 @@ CREATE TABLE IF NOT EXISTS growth_point (
     detail        jsonb,                     -- walls of every repetition, query, limit, table size
     measured_at   timestamptz NOT NULL DEFAULT now()
 );
+-- Older tables held only load/raw/sql: the write-back phases are allowed too.
+ALTER TABLE growth_point DROP CONSTRAINT IF EXISTS growth_point_phase_check;
+ALTER TABLE growth_point ADD CONSTRAINT growth_point_phase_check
+    CHECK (phase IN ('load', 'raw', 'sql', 'client', 'postgres', 'evadb'));

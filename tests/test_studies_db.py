@@ -63,6 +63,22 @@ def test_growth_in_a_database_of_its_own(weights, tmp_path, monkeypatch):
     assert [(r["phase"], r["rows"]) for r in doc["rows"]] == [("load", 240), ("raw", 40), ("sql", 40)]
 
 
+def test_growth_writes_back_from_every_placement(weights, plpython, tmp_path, monkeypatch):
+    """The write-back phases over the train split: each placement's table checked (each id once) and dropped."""
+    monkeypatch.setenv("CNNSQL_DB", "study_growth_write")
+    phases = ["raw", "client", "evadb"] + (["postgres"] if plpython else [])
+    doc = smoke("growth", tmp_path, "--weights", weights, "--split", "train", "--max-pass", "150",
+                "--phases", ",".join(phases))
+    assert [(r["phase"], r["rows"]) for r in doc["rows"]] == [("load", 240)] + [(k, 150) for k in phases]
+    assert all(r["of_raw"] > 0 for r in doc["rows"][1:])
+    from cnnsql import db
+
+    with db.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'growth\\_%%' AND relkind = 'r' "
+                    "AND relname <> 'growth_point'")
+        assert cur.fetchone()[0] == 0
+
+
 def test_listeners_beyond_loopback_none(tmp_path, cnnsql_home):
     doc = smoke("listeners", tmp_path)
     assert [r["command"] for r in doc["rows"]] == ["db start", "load --synthetic 2000", "db stop"]

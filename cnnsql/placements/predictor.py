@@ -163,9 +163,13 @@ class Predictor:
     def classify(self, values, ids=None) -> tuple[list[tuple], list[tuple]]:
         """Stored images -> (rows, bad). Rows: (id, label, class_name, probability, probs) per input in
         input order (id = the position when `ids` is None); a bad row has None outputs. bad: (id, problem)."""
-        ids = list(range(len(values))) if ids is None else list(ids)
         dec = self.decode(values)
-        out = iter(self.outputs(self.predict(dec.images)) if dec.ok.any() else [])
+        return self.rows(self.predict(dec.images) if dec.ok.any() else None, dec, ids)
+
+    def rows(self, probs, dec: Decoded, ids=None) -> tuple[list[tuple], list[tuple]]:
+        """The probabilities of a decoded input's valid images -> (rows, bad) as classify() gives them."""
+        ids = list(range(len(dec.ok))) if ids is None else list(ids)
+        out = iter(self.outputs(probs) if probs is not None else [])
         rows = [(i, *next(out)) if good else (i, None, None, None, None) for i, good in zip(ids, dec.ok)]
         bad = [(i, p) for i, p in zip(ids, dec.problems) if p is not None]
         return rows, bad

@@ -43,6 +43,7 @@ COLUMNS = ("id", "label", "class_name", "probability", "probs")
 TABLE_SQL = "(id integer NOT NULL, label integer, class_name text, probability real, probs real[])"
 NAME_RE = re.compile(r"^(?:([a-z_][a-z0-9_]{0,62})\.)?([a-z_][a-z0-9_]{0,62})$")
 SPAN_BATCHES = 64  # postgres: ids per INSERT statement = SPAN_BATCHES x batch (progress between them)
+CLIENT_CHUNK = 2048  # client: images per read and per COPY into the table
 _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -196,7 +197,8 @@ def _fill_client(conn, target, building, ds, split, relation, where, lo, hi, *, 
     predictor = Predictor.load(engine, weights, device=device, threads=threads)
     predictor.warmup()
     warm_s = time.perf_counter() - t0
-    batch = batch_size or max(predictor.batch_size, 256)
+    batch = batch_size or predictor.batch_size
+    chunk = max(batch, CLIENT_CHUNK)  # rows per read and per COPY into the table
     select = sql.SQL("SELECT id, img FROM {}").format(relation) + where + sql.SQL(" ORDER BY id")
     reader = db.connect(target)
     reader.autocommit = True
@@ -204,8 +206,10 @@ def _fill_client(conn, target, building, ds, split, relation, where, lo, hi, *, 
     try:
         text = select.as_string(reader)
         with conn.cursor() as cur:
-            for rows in copy_rows(reader, text, ["int4", "bytea"], itertools.repeat(batch)):
-                out, bad = predictor.classify([r[1] for r in rows], [r[0] for r in rows])
+            for rows in copy_rows(reader, text, ["int4", "bytea"], itertools.repeat(chunk)):
+                dec = predictor.decode([r[1] for r in rows])
+                probs = predictor.predict(dec.images, batch) if dec.ok.any() else None
+                out, bad = predictor.rows(probs, dec, [r[0] for r in rows])
                 bad_total += len(bad)
                 _copy_in(cur, building, out)
                 on_rows(len(rows))

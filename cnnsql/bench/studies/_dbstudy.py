@@ -53,7 +53,9 @@ class ChildClock:
     work: measure.stats.Clock's two rules, with the children's CPU counted as ours through the kernel's
     RUSAGE_CHILDREN (children waited for in the window) — a Clock reads only processes alive when it
     opens, and a child reaped before it closes leaves no reading. `roots`: pids whose process trees are
-    also ours (the private server's postmaster)."""
+    also ours (the private server's postmaster), including the processes they start in the window (a
+    child's connection gets a new backend): those alive at the end count whole, those the root reaped
+    in the window through the root's own children's CPU (psutil's children_user/children_system)."""
 
     def __init__(self, roots: tuple[int, ...] = ()):
         self.roots = tuple(r for r in roots if r)
@@ -65,12 +67,26 @@ class ChildClock:
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
         return r.ru_utime + r.ru_stime
 
+    def _reaped(self) -> float:
+        """CPU seconds of the roots' children that the roots have waited for (exited backends)."""
+        import psutil
+
+        total = 0.0
+        for root in self.roots:
+            try:
+                t = psutil.Process(root).cpu_times()
+            except psutil.Error:
+                continue
+            total += t.children_user + t.children_system
+        return total
+
     def __enter__(self):
         import time
 
         from cnnsql.measure import stats
 
         self._procs = stats.trees(self.roots)
+        self._reaped0 = self._reaped()
         self._cpu0 = stats.cpu_by_pid(self._procs, own_first=False)
         self._ch0 = self._children_cpu()
         self._busy0, self._t0 = stats.machine_busy_s(), time.perf_counter()
@@ -85,6 +101,9 @@ class ChildClock:
         busy = stats.machine_busy_s() - self._busy0
         ours = stats.cpu_delta(self._cpu0, stats.cpu_by_pid(self._procs, own_first=True))
         ours += self._children_cpu() - self._ch0
+        born = [p for p in stats.trees(self.roots) if p.pid not in self._cpu0]
+        ours += sum(stats.cpu_by_pid(born, own_first=True).get(p.pid, 0.0) for p in born)
+        ours += max(0.0, self._reaped() - self._reaped0)
         cores = os.cpu_count() or 1
         self.others_share = max(0.0, busy - ours) / (self.window_s * cores) if self.window_s > 0 else 0.0
         return False

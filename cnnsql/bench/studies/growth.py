@@ -4,14 +4,22 @@ For each N of --sizes (in order), against the configured PostgreSQL (CNNSQL_HOME
 CNNSQL_DSN). It REPLACES the loaded CIFAR-10 dataset with synthetic data (run it in a CNNSQL_HOME of its own):
 - load: `cnnsql load --quiet --synthetic N` (N train + N/5 test images); images/s counts both splits; the
   table size is the stored images' relations (pg_partition_tree of cifar_image).
-- raw: a child process (`python -m cnnsql.bench.studies.growth --child raw`) streams `SELECT id, img FROM
-  <the dataset's binary test view> [WHERE id < M]` through a server-side cursor (2,048 rows per fetch) into
-  the engine (its default batch): no EvaDB.
-- sql: a child process runs, through cnnsql's EvaDB, `SELECT id, <F>(img).label FROM pg.<test view>
-  [WHERE id < M];` after a one-image warm-up query (the engine loaded).
-  raw and sql alternate --reps times; the figure is the median, all walls are kept in `detail`.
-The passes read the whole test split (N/5 images) unless --max-pass M caps them (said in the row). Each
-phase runs in a fresh process: its peak RSS (ru_maxrss from wait4) is the client's figure.
+Passes over the --split (test: N/5 images; train: N), each in a child process
+(`python -m cnnsql.bench.studies.growth --child KIND`), --phases of:
+- raw: `SELECT id, img FROM <the dataset's binary view of the split> [WHERE id < M]` read by binary COPY
+  (a thread reads the next 2,048 rows while the engine works on these) into the engine at its default
+  batch; the predictions are dropped: no EvaDB, nothing written.
+- sql: through cnnsql's EvaDB, `SELECT id, <F>(img).label FROM pg.<view> [WHERE id < M];` after a
+  one-image warm-up query (the engine loaded); the result is a DataFrame in the client.
+- client, postgres, evadb: `cnnsql predict --into growth_<kind> --placement <kind>` (placements/writeback):
+  every image's (id, label, class_name, probability, probs) written into a new table in one transaction,
+  by this process, inside PostgreSQL (INSERT ... SELECT through the batched function, installed here with
+  the study's weights and --threads) or through EvaDB (its result streamed into COPY). The figure is the
+  time from the first image read to the commit; loading the engine and one warm-up call come before it
+  (`warmup_s` in detail). The table is checked (each id once) and dropped after the phase.
+  The phases alternate --reps times; the figure is the median, all walls are kept in `detail`.
+--max-pass M caps a pass at the images with id < M (said in the row). Each phase runs in a fresh
+process: its peak RSS (ru_maxrss from wait4) is the client's figure.
 cnnsql.measure.monitor.ServerSampler reads /proc every 0.2 s for the PostgreSQL server's processes: the
 largest VmRSS and RssAnon of one process and the largest sum of RssAnon over all of them. Every phase's
 window carries the harness's noise verdict (other processes' CPU share; the child and the private server
@@ -36,6 +44,8 @@ NAME = "growth"
 NEEDS_DATABASE = True
 SMOKE = ["--sizes", "200", "--reps", "1", "--max-pass", "40"]
 FETCH_ROWS = 2048
+PASSES = ("raw", "sql", "client", "postgres", "evadb")
+WRITES = ("client", "postgres", "evadb")
 
 
 def arguments(ap) -> None:
@@ -44,7 +54,10 @@ def arguments(ap) -> None:
     ap.add_argument("--engines", default="torch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--max-pass", type=int, help="read at most M test images per pass (said in each row)")
+    ap.add_argument("--max-pass", type=int, help="read at most M images per pass (said in each row)")
+    ap.add_argument("--split", default="test", choices=["test", "train"],
+                    help="the split each pass reads (default test: N/5 images; train: N)")
+    ap.add_argument("--phases", default="raw,sql", help=f"passes per size, of {','.join(PASSES)} (default raw,sql)")
     ap.add_argument("--session", help="add to this growth session (default: a new one)")
     ap.add_argument("--plot", type=Path, help="draw the session's rows into this PNG")
 
@@ -58,7 +71,9 @@ def _xor_ids(ids) -> int:
     return out
 
 
-def child_raw(engine_name: str, weights: str, threads: int, limit: int | None) -> dict:
+def child_raw(engine_name: str, weights: str, threads: int, limit: int | None, split: str) -> dict:
+    import itertools
+
     import numpy as np
     from psycopg2 import sql
 
@@ -66,38 +81,38 @@ def child_raw(engine_name: str, weights: str, threads: int, limit: int | None) -
     from cnnsql.data import datasets
     from cnnsql.engines import get_engine
     from cnnsql.models.weights import load_weights
+    from cnnsql.placements.evadb_patch.transport import copy_rows
 
     engine = get_engine(engine_name, load_weights(weights), threads=threads)
     conn = db.connect()
+    conn.autocommit = True
     ds = datasets.info(conn)
     engine.predict(np.zeros((2, *ds.shape), np.uint8))  # warm-up
+    query = sql.SQL("SELECT id, img FROM {}").format(sql.Identifier(*ds.bytes_relation(split)))
+    if limit:
+        query += sql.SQL(" WHERE id < {}").format(sql.Literal(int(limit)))
+    text = query.as_string(conn)
     t0 = time.perf_counter()
     seen, count = 0, 0
-    with conn.cursor(name="growth_raw") as cur:
-        cur.itersize = FETCH_ROWS
-        query = sql.SQL("SELECT id, img FROM {}").format(sql.Identifier(*ds.bytes_relation("test")))
-        if limit:
-            query += sql.SQL(" WHERE id < %s")
-        cur.execute(query, (limit,) if limit else None)
-        while rows := cur.fetchmany(FETCH_ROWS):
-            images = np.frombuffer(b"".join(bytes(r[1]) for r in rows), np.uint8).reshape(-1, *ds.shape)
-            engine.predict(images, engine.default_batch_size)
-            count += len(rows)
-            seen ^= _xor_ids(r[0] for r in rows)
+    for rows in copy_rows(conn, text, ["int4", "bytea"], itertools.repeat(FETCH_ROWS)):
+        images = np.frombuffer(b"".join(r[1] for r in rows), np.uint8).reshape(-1, *ds.shape)
+        engine.predict(images, engine.default_batch_size)
+        count += len(rows)
+        seen ^= _xor_ids(r[0] for r in rows)
     wall = time.perf_counter() - t0
     conn.close()
     return {"rows": count, "wall_s": wall, "ids_xor": seen, "batch": engine.default_batch_size,
-            "query": f"SELECT id, img FROM {'.'.join(ds.bytes_relation('test'))}" + (f" WHERE id < {limit}" if limit else "")}
+            "query": f"COPY ({text}) TO STDOUT (FORMAT binary)"}
 
 
-def child_sql(engine_name: str, weights: str, threads: int, limit: int | None) -> dict:
+def child_sql(engine_name: str, weights: str, threads: int, limit: int | None, split: str) -> dict:
     from cnnsql import db
     from cnnsql.data import datasets
     from cnnsql.placements import evadb_session
     from cnnsql.placements.pgfunctions import sql_name
 
     with db.connection() as conn:
-        view = datasets.info(conn).view("test")
+        view = datasets.info(conn).view(split)
     f = sql_name(engine_name)
     cursor = evadb_session.connect(weights=weights, threads=threads)
     evadb_session.run(cursor, f"SELECT id, {f}(img).label FROM pg.{view} WHERE id < 1;")
@@ -109,28 +124,69 @@ def child_sql(engine_name: str, weights: str, threads: int, limit: int | None) -
     return {"rows": len(out), "distinct": int(ids.nunique()), "wall_s": wall, "ids_xor": _xor_ids(ids), "query": query}
 
 
+def child_write(kind: str, engine_name: str, weights: str, threads: int, limit: int | None, split: str) -> dict:
+    from cnnsql import db
+    from cnnsql.placements import writeback
+
+    table = f"growth_{kind}"
+    done = writeback.write_back(into=table, engine=engine_name, weights=Path(weights), placement=kind, split=split,
+                                limit=limit, replace=True, threads=threads, progress=False)
+    with db.connection() as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT count(*), count(DISTINCT id), coalesce(bit_xor(id::bigint * 2654435761 % {1 << 61}), 0) "
+                    f"FROM {table}")
+        rows, distinct, xor = cur.fetchone()
+        cur.execute(f"DROP TABLE {table}")
+        conn.commit()
+    return {"rows": rows, "distinct": distinct, "wall_s": done.wall_s, "warmup_s": done.warmup_s,
+            "ids_xor": int(xor), "query": done.statement}
+
+
 def child_main(argv: list[str]) -> None:
     import argparse
     import resource
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["raw", "sql"])
+    ap.add_argument("kind", choices=PASSES)
     ap.add_argument("--engine", required=True)
     ap.add_argument("--weights", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--split", default="test")
     a = ap.parse_args(argv)
-    res = (child_raw if a.kind == "raw" else child_sql)(a.engine, a.weights, a.threads, a.limit)
+    if a.kind in WRITES:
+        res = child_write(a.kind, a.engine, a.weights, a.threads, a.limit, a.split)
+    else:
+        res = (child_raw if a.kind == "raw" else child_sql)(a.engine, a.weights, a.threads, a.limit, a.split)
     res["client_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(res))
 
 
 # --- the parent: phases in fresh processes, the server sampled --------------------------------
 
+def server_children(postmaster: int | None) -> set[int]:
+    try:
+        return set(map(int, Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()))
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def settle(postmaster: int | None, baseline: set[int], timeout: float = 30.0) -> float:
+    """Wait until the server processes a previous phase started have exited (a backend that ran a
+    framework takes a moment to end), so that a phase's server figures are its own. Seconds waited."""
+    t0 = time.monotonic()
+    while server_children(postmaster) - baseline and time.monotonic() - t0 < timeout:
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+_BASELINE: set[int] = set()
+
+
 def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None) -> tuple[dict, str]:
     """Run one phase in a fresh process: wall, exit, peak RSS (wait4), the server's peaks, the noise verdict."""
     from cnnsql.measure.monitor import ServerSampler
 
+    settled_s = settle(postmaster, _BASELINE)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         with ChildClock((postmaster,) if postmaster else ()) as clock, ServerSampler(postmaster) as sampler:
@@ -145,7 +201,7 @@ def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None) -> tuple[
     if proc.returncode != 0:
         raise RuntimeError(f"growth: {label} failed ({proc.returncode}): {stderr.strip()[-400:]}")
     return {"wall_s": wall, "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
-            "process_peak_rss_mb": usage.ru_maxrss / 1024, **sampler.summary()}, stdout
+            "process_peak_rss_mb": usage.ru_maxrss / 1024, "settled_s": settled_s, **sampler.summary()}, stdout
 
 
 def postmaster_pid(conn) -> int | None:
@@ -186,21 +242,25 @@ def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaste
                          [sys.executable, "-m", "cnnsql", "load", "--quiet", "--synthetic", str(n)], postmaster)
     fig["client_peak_rss_mb"] = fig["process_peak_rss_mb"]
     n_test = max(1, n // 5)
+    n_split = n_test if args.split == "test" else n
     record(conn, session, n, "load", None, n + n_test, fig, {"table_bytes": table_bytes(conn), "stdout": out.strip(),
                                                            "server_peak_anon_process": fig["server_peak_anon_process"]})
     rows.append({"n": n, "phase": "load", "engine": "", "rows": n + n_test, "wall_s": fig["wall_s"],
                  "images_per_s": (n + n_test) / fig["wall_s"], "client_peak_mb": fig["client_peak_rss_mb"],
                  "server_peak_mb": fig["server_peak_rss_mb"], "server_anon_sum_mb": fig["server_peak_anon_sum_mb"]})
     ctx.say(f"N={n}: load {n + n_test} images in {fig['wall_s']:.1f} s, client peak {fig['client_peak_rss_mb']:.0f} MB")
-    limit = args.max_pass if args.max_pass and args.max_pass < n_test else None
-    expected = limit or n_test
+    limit = args.max_pass if args.max_pass and args.max_pass < n_split else None
+    expected = limit or n_split
     want_xor = _xor_ids(range(expected))
     for engine in (e for e in args.engines.split(",") if e):
-        figs = {"raw": [], "sql": []}
+        if "postgres" in args.phases:
+            install_functions(engine, weights, args.threads)
+        figs = {kind: [] for kind in args.phases}
         for _ in range(args.reps):
-            for kind in ("raw", "sql"):
+            for kind in args.phases:
                 cmd = [sys.executable, "-m", "cnnsql.bench.studies.growth", "--child", kind, "--engine", engine,
-                       "--weights", str(weights), "--threads", str(args.threads)] + (["--limit", str(limit)] if limit else [])
+                       "--weights", str(weights), "--threads", str(args.threads), "--split", args.split] + (
+                    ["--limit", str(limit)] if limit else [])
                 f, out = run_phase(ctx, f"N={n} {engine} {kind} (child process)", cmd, postmaster)
                 res = json.loads(out.strip().splitlines()[-1])
                 ok = res["rows"] == expected and res["ids_xor"] == want_xor and res.get("distinct", res["rows"]) == res["rows"]
@@ -223,14 +283,27 @@ def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaste
                                                       "server_peak_anon_mb", "server_peak_anon_sum_mb")}
             fig = {**agg, "wall_s": med["wall_s"], "loadavg_before": runs[0]["loadavg_before"],
                    "loadavg_after": runs[-1]["loadavg_after"]}
-            detail = {"walls": walls, "process_walls": [r["process_wall_s"] for r in runs],
+            detail = {"walls": walls, "process_walls": [r["process_wall_s"] for r in runs], "split": args.split,
+                      "warmup_s": [r.get("warmup_s") for r in runs],
                       "loadavg": [[r["loadavg_before"], r["loadavg_after"]] for r in runs], "threads": args.threads,
-                      "limit": limit, "split_rows": n_test, "query": runs[0].get("query"), "batch": runs[0].get("batch"),
+                      "limit": limit, "split_rows": n_split, "query": runs[0].get("query"), "batch": runs[0].get("batch"),
                       "server_peak_anon_process": [r.get("server_peak_anon_process") for r in runs]}
             record(conn, session, n, kind, engine, expected, fig, detail)
+            raw = figs.get("raw")
+            of_raw = (sorted(r["wall_s"] for r in raw)[len(raw) // 2] / fig["wall_s"]) if raw else None
             rows.append({"n": n, "phase": kind, "engine": engine, "rows": expected, "wall_s": fig["wall_s"],
-                         "images_per_s": expected / fig["wall_s"], "client_peak_mb": fig["client_peak_rss_mb"],
-                         "server_peak_mb": fig["server_peak_rss_mb"], "server_anon_sum_mb": fig["server_peak_anon_sum_mb"]})
+                         "images_per_s": expected / fig["wall_s"], "of_raw": of_raw,
+                         "client_peak_mb": fig["client_peak_rss_mb"], "server_peak_mb": fig["server_peak_rss_mb"],
+                         "server_anon_max_mb": fig["server_peak_anon_mb"],
+                         "server_anon_sum_mb": fig["server_peak_anon_sum_mb"]})
+
+
+def install_functions(engine: str, weights: Path, threads: int) -> None:
+    """The in-PostgreSQL functions of `engine` with the study's weights and threads (the postgres phase)."""
+    from cnnsql import db
+    from cnnsql.placements import pgfunctions
+
+    pgfunctions.install(db.resolve(), [engine], weights, threads)
 
 
 def statistics_judged(walls) -> bool:
@@ -284,8 +357,17 @@ def run(ctx, args) -> dict:
     with conn.cursor() as cur:
         cur.execute(db.sql_file("growth.sql"))
     conn.commit()
+    args.phases = [k.strip() for k in args.phases.split(",") if k.strip()]
+    unknown = [k for k in args.phases if k not in PASSES]
+    if unknown or not args.phases:
+        from cnnsql.core.errors import CnnsqlError
+
+        raise CnnsqlError(f"--phases {','.join(args.phases)}: unknown {unknown or 'none given'}",
+                          f"choose from {','.join(PASSES)}")
     session = args.session or results.new_session_id()
     postmaster = postmaster_pid(conn)
+    _BASELINE.clear()
+    _BASELINE.update(server_children(postmaster))  # the server's own processes and this connection's backend
     rows, checks = [], []
     for n in (int(x) for x in args.sizes.split(",") if x):
         measure_size(ctx, conn, args, weights, session, n, postmaster, rows, checks)
