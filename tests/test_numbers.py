@@ -199,6 +199,24 @@ def test_readme_tables_match_the_committed_results_files():
     assert results_doc.readme(check=True)  # `cnnsql results readme` regenerates the block
 
 
+def test_docs_study_tables_match_the_committed_study_files():
+    assert results_doc.studies(check=True)  # `cnnsql results readme` regenerates them
+
+
+def test_a_study_table_is_generated_from_its_json():
+    path = sorted((REPO / "results" / "studies" / "clients").glob("*.json"))[0]
+    rel = path.relative_to(REPO)
+    doc = json.loads(path.read_text())
+    stale = f"<!-- study-table: {rel} columns=clients,via -->\n| typed | by hand |\n<!-- study-table:end -->\n"
+    out = results_doc.study_blocks("before\n" + stale + "after\n")
+    assert out.startswith("before\n<!-- study-table: ") and out.endswith("<!-- study-table:end -->\nafter\n")
+    assert "| clients | via |" in out and "typed by hand" not in out
+    assert out.count("\n| ") == 1 + len(doc["rows"])  # header and one line per row (the |---| line aside)
+    assert f"`{rel}`: {doc['verdict']}" in out
+    with pytest.raises(CnnsqlError, match="does not exist"):
+        results_doc.study_blocks("<!-- study-table: results/studies/none/x.json -->\n<!-- study-table:end -->")
+
+
 def test_readme_check_fails_when_they_disagree(tmp_path):
     files = results_doc.session_files(REPO / "results" / "sessions")[0]
     assert files, "no committed results file"

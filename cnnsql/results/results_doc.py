@@ -4,10 +4,15 @@
     cnnsql results readme --check    # exit 1 if the README and the files disagree (a test runs this)
 
 The block sits between RESULTS_BEGIN and RESULTS_END in README.md; nothing else is touched.
+A study's figures in docs/*.md are generated too: between the lines
+    <!-- study-table: results/studies/NAME/FILE.json columns=a,b,c -->   and   <!-- study-table:end -->
+the same command writes a table of that committed JSON's rows (the columns named, each cell through the
+one renderer), with the file's verdict, machine and start under it.
 """
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -121,6 +126,53 @@ def render(sessions: list[tuple[str, dict]], limit: int | None = MAX_SESSIONS) -
     return "\n".join(out).rstrip()
 
 
+STUDY_TABLE = re.compile(r"(<!-- study-table: (?P<file>results/studies/[\w./-]+\.json)(?: columns=(?P<cols>[\w,]+))? -->\n)"
+                         r"(?P<body>.*?)(<!-- study-table:end -->)", re.S)
+
+
+def study_table(path: Path, columns: list[str] | None) -> str:
+    """A Markdown table of a study result's rows (`columns`, default every key), and where it came from."""
+    doc = json.loads(path.read_text())
+    rows = doc.get("rows") or []
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+    lines = _table(cols, [[fmt.auto(r.get(c)) for c in cols] for r in rows])
+    noisy = [n["measurement"] for n in doc.get("noise", []) if n.get("noisy")]
+    m = doc.get("machine") or {}
+    lines += ["", f"`{path.relative_to(REPO)}`: {doc.get('verdict')}"
+              + (f" ({len(noisy)} of {len(doc.get('noise', []))} measurements noisy: {'; '.join(noisy[:3])})"
+                 if noisy else f" (0 of {len(doc.get('noise', []))} measurements noisy)")
+              + f", started {str(doc.get('started_at', ''))[:16].replace('T', ' ')} UTC on {m.get('host', '?')}"
+              + "."]
+    return "\n".join(lines) + "\n"
+
+
+def study_blocks(text: str) -> str:
+    """`text` with every study-table block regenerated from its JSON file."""
+    def sub(m):
+        path = REPO / m.group("file")
+        if not path.is_file():
+            raise CnnsqlError(f"a study table names {m.group('file')}, which does not exist", "commit the file or fix the name")
+        cols = m.group("cols").split(",") if m.group("cols") else None
+        return m.group(1) + study_table(path, cols) + m.group(5)
+    return STUDY_TABLE.sub(sub, text)
+
+
+def studies(check: bool = False) -> bool:
+    """Rewrite (or with check, compare) every generated study table in docs/*.md. Whether all were current."""
+    current = True
+    for path in sorted((REPO / "docs").glob("*.md")):
+        text = path.read_text()
+        new = study_blocks(text)
+        if new == text:
+            continue
+        if check:
+            raise CnnsqlError(f"{path.relative_to(REPO)}'s study tables disagree with results/studies/",
+                              "run `cnnsql results readme` and commit the docs")
+        path.write_text(new)
+        current = False
+    return current
+
+
 def block(text: str) -> str:
     return f"{RESULTS_BEGIN}\n{text}\n{RESULTS_END}"
 
@@ -157,6 +209,8 @@ def readme(folder: Path = REPO / "results" / "sessions", readme_path: Path | Non
 
 def cmd_results(args) -> int:
     current = readme(args.folder, args.readme, check=args.check)
+    if args.readme is None:
+        current = studies(check=args.check) and current
     print("README.md and docs/results.md match the committed results files" if current
           else f"README.md and docs/results.md rewritten from {args.folder}")
     local = session_files(args.folder)[1]
