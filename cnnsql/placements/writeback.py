@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg2
 from psycopg2 import sql
 
 from cnnsql import db
@@ -121,12 +122,17 @@ def write_back(*, into: str, engine: str, weights: Path, placement: str = "clien
     """Classify a split and write the predictions into table `into` (see the module's text)."""
     if placement not in PLACEMENTS:
         raise CnnsqlError(f"unknown placement {placement!r}", f"choose from: {', '.join(PLACEMENTS)}")
+    from cnnsql.models import model_spec
+    from cnnsql.models.weights import load_weights
+
     schema, table = parse_table(into)
     weights = Path(weights).absolute()
+    spec = load_weights(weights).spec  # a bad weights file is refused before anything is read or written
     target = target or db.resolve()
     conn = db.connect(target)
     try:
         ds = datasets.info(conn, dataset)
+        model_spec.check_fits(spec, ds.shape, ds.num_classes)
         relation = sql.Identifier(*ds.bytes_relation(split))
         where = sql.SQL(" WHERE id < {}").format(sql.Literal(int(limit))) if limit else sql.SQL("")
         with conn.cursor() as cur:
@@ -157,6 +163,10 @@ def write_back(*, into: str, engine: str, weights: Path, placement: str = "clien
             "placement": placement, "rows": n, "limit": limit, "statement": statement})
         wall = time.perf_counter() - t0 - warm_s
         return Written(into, n, bad, wall, warm_s, placement, engine, statement)
+    except psycopg2.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CnnsqlError(f"writing table {into} failed, nothing was written: {first}",
+                          "see the server's message; a --replace'd table is unchanged") from None
     finally:
         if not conn.closed:
             conn.rollback()

@@ -211,8 +211,8 @@ def cmd_results(args) -> int:
     current = readme(args.folder, args.readme, check=args.check)
     if args.readme is None:
         current = studies(check=args.check) and current
-    print("README.md and docs/results.md match the committed results files" if current
-          else f"README.md and docs/results.md rewritten from {args.folder}")
+    print("README.md, docs/results.md and the study tables in docs/ match the committed results files" if current
+          else f"rewritten from {args.folder} and results/studies/: the documents that disagreed with them")
     local = session_files(args.folder)[1]
     if local:
         print(f"{len(local)} session file(s) not committed, left out: {', '.join(p.name for p in local)} "

@@ -17,7 +17,10 @@ parameter of the pushed WHERE or as the LIMIT, or the shape is not cached.
 A cached shape runs as: the scan through the same handler (`handler.stream`: the same SQL, binary
 twin and chunks as the storage executor), each chunk through a fresh instance of each function
 (EvaDB's own factory from the bound statement: its CREATE FUNCTION options), the outputs named and
-typed as EvaDB named and typed them. Its life: the first run of a shape goes through EvaDB (and
+typed as EvaDB named and typed them. Two costs of a one-image query are cut there: after a run that
+returned at most FEW_ROWS rows, the next reads through the server-side cursor instead of a COPY
+thread (both are EvaDB's own scan paths: it picks the cursor for a LIMIT), and the table's column
+types are asked at most once a second per shape instead of per query. Its life: the first run of a shape goes through EvaDB (and
 learns the names and types); the second runs both ways and keeps the shape only if the two results
 are identical (values, names, types); later runs take the direct way. Any statement that is not a
 cached SELECT, and any change to EvaDB's catalog, empties the cache; a direct run that raises is
@@ -30,6 +33,7 @@ import collections
 import contextlib
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +50,8 @@ from evadb.third_party.databases import interface
 # an integer literal outside quotes (strings and quoted identifiers are matched first and kept)
 _TOKENS = re.compile(r"'(?:[^']|'')*'|\"[^\"]*\"|(?<![\w.])(\d+)(?![\w.])")
 SENTINEL = 2_000_000_000  # the i-th literal is SENTINEL + i while a shape compiles
+FEW_ROWS = 64  # a direct run after one that returned at most this many rows reads by cursor, not COPY
+COLUMNS_TTL_S = 1.0
 MAX_SHAPES = 256
 STATS = {"hits": 0, "misses": 0, "checked": 0, "rejected": 0, "fallbacks": 0}
 
@@ -83,35 +89,55 @@ class Plan:
     names: list = field(default_factory=list)    # learnt: EvaDB's output names and dtypes
     dtypes: list = field(default_factory=list)
     state: str = "checking"          # checking -> fast, or dropped
+    last_rows: int | None = None     # rows of the last direct run
+    memo: dict = field(default_factory=dict)    # the table's columns (handler.get_columns), and when asked
+    memo_at: float = float("-inf")
 
     def run(self, evadb, values: list[int]) -> pd.DataFrame:
+        from cnnsql.placements.evadb_patch import handler as handler_module
+
         arg = [values[v] if kind == "lit" else v for kind, v in self.params]
         limit = values[self.limit[1]] if self.limit else None
         entry = evadb.catalog().get_database_catalog_entry(self.database)
         instances = [t[1]() if t[0] == "fn" else None for t in self.targets]
+        # A whole read of bytes goes by COPY (a thread, and the column types asked first); after a run that
+        # returned a few rows, the server-side cursor (two round trips), as EvaDB reads a LIMIT.
+        whole = self.whole and (self.last_rows is None or self.last_rows > FEW_ROWS)
+        now = time.monotonic()
+        if now - self.memo_at > COLUMNS_TTL_S:  # the table's columns asked again at most once a second
+            self.memo, self.memo_at = {}, now
+        token = handler_module._columns_memo.set(self.memo)
         pieces = []
-        with interface.get_database_handler(entry.engine, **entry.params) as handler:
-            with contextlib.closing(handler.stream(self.table, self.columns, self.where, arg, limit,
-                                                   binary=self.binary, whole=self.whole)) as chunks:
-                for frame in chunks:
-                    cols = []
-                    for target, instance in zip(self.targets, instances):
-                        if target[0] == "col":
-                            cols.append(frame[[target[1]]].reset_index(drop=True))
-                        else:
-                            out = instance(frame[[target[2]]])
-                            cols.append((out[target[3]] if target[3] else out).reset_index(drop=True))
-                    pieces.append(pd.concat(cols, axis=1) if len(cols) > 1 else cols[0])
-        if not pieces:
+        try:
+            with interface.get_database_handler(entry.engine, **entry.params) as handler:
+                with contextlib.closing(handler.stream(self.table, self.columns, self.where, arg, limit,
+                                                       binary=self.binary, whole=whole)) as chunks:
+                    for frame in chunks:
+                        pieces.append(self._outputs(frame, instances))
+        finally:
+            handler_module._columns_memo.reset(token)
+        self.last_rows = sum(len(p) for p in pieces)
+        if not self.last_rows:
             return pd.DataFrame()  # as EvaDB answers no rows: no columns either
         result = pd.concat(pieces, ignore_index=True) if len(pieces) > 1 else pieces[0]
-        if len(result.columns) != len(self.names):
-            raise ValueError(f"{len(result.columns)} output columns, EvaDB gave {len(self.names)}")
-        result.columns = self.names
         for name, dtype in zip(self.names, self.dtypes):
             if result[name].dtype != dtype:
                 result[name] = result[name].astype(dtype)
         return result
+
+    def _outputs(self, frame: pd.DataFrame, instances: list) -> pd.DataFrame:
+        """One chunk's output columns, named as EvaDB named them."""
+        columns: list = []
+        for target, instance in zip(self.targets, instances):
+            if target[0] == "col":
+                columns.append(frame[target[1]].to_numpy())
+            else:
+                out = instance(frame[[target[2]]])
+                columns += [out[c].to_numpy() if out[c].dtype != object else out[c].tolist()
+                            for c in (target[3] or out.columns)]
+        if len(columns) != len(self.names):
+            raise ValueError(f"{len(columns)} output columns, EvaDB gave {len(self.names)}")
+        return pd.DataFrame(dict(zip(self.names, columns)), copy=False)
 
 
 def compile_shape(evadb, key: str, n_literals: int) -> Plan | None:
