@@ -34,6 +34,7 @@ import contextlib
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -251,6 +252,8 @@ class PlanCache:
                 self.plans.popitem(last=False)
 
 
+# Each EvaDB instance's cache, by id, kept here and not on the instance: EvaDB's Ray mode pickles the
+# executors and with them the database object, and a cache holds a lock.
 _CACHES: dict[int, PlanCache] = {}
 _CACHES_LOCK = threading.Lock()
 
@@ -259,10 +262,10 @@ def cache_of(evadb, create: bool = True) -> PlanCache | None:
     if getattr(evadb, "_cnnsql_plan_cache_off", False):
         return None
     with _CACHES_LOCK:
-        cache = getattr(evadb, "_cnnsql_plan_cache", None)
+        cache = _CACHES.get(id(evadb))
         if cache is None and create:
-            cache = evadb._cnnsql_plan_cache = PlanCache()
-            _CACHES[id(cache)] = cache
+            cache = _CACHES[id(evadb)] = PlanCache()
+            weakref.finalize(evadb, _CACHES.pop, id(evadb), None)
         return cache
 
 
