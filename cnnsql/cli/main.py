@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cnnsql.core import config
-from cnnsql.core.errors import CnnsqlError
+from cnnsql.core.errors import CnnsqlError, first_line
 
 
 def _positive(value: str) -> int:
@@ -275,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except psycopg2.Error as exc:
         if args.debug:
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"cnnsql: error: database error: {first} (rerun with --debug for details)", file=sys.stderr)
+        print(f"cnnsql: error: database error: {first_line(exc)} (rerun with --debug for details)", file=sys.stderr)
         return 1
     except OSError as exc:  # a read-only or full CNNSQL_HOME, a missing folder: the path and the reason
         if args.debug:

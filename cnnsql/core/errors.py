@@ -11,3 +11,8 @@ class CnnsqlError(Exception):
 
     def __str__(self) -> str:
         return f"{self.problem} ({self.hint})" if self.hint else self.problem
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): what a one-line error quotes."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -88,6 +88,16 @@ class ResourceMonitor:
         }
 
 
+def server_children(postmaster: int | None) -> list[int] | None:
+    """The pids of the server's processes (the postmaster's children), or None when it cannot be read."""
+    if not postmaster:
+        return None
+    try:
+        return [int(pid) for pid in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()]
+    except (OSError, ValueError):
+        return None
+
+
 class ServerSampler:
     """Context manager: peak VmRSS and RssAnon of one PostgreSQL server process, and peak sum of RssAnon
     over all of them (a backend's RSS includes the shared buffers it touched, RssAnon does not), read
@@ -100,13 +110,8 @@ class ServerSampler:
         self._stop = threading.Event()
 
     def _pids(self) -> list[int]:
-        if not self.postmaster:
-            return []
-        try:
-            children = Path(f"/proc/{self.postmaster}/task/{self.postmaster}/children").read_text().split()
-        except OSError:
-            return []
-        return [self.postmaster, *map(int, children)]
+        children = server_children(self.postmaster)
+        return [] if children is None else [self.postmaster, *children]
 
     @staticmethod
     def _title(pid: int) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from cnnsql.core import config
 from cnnsql import db
 from cnnsql.placements import evadb_patch
-from cnnsql.core.errors import CnnsqlError
+from cnnsql.core.errors import CnnsqlError, first_line
 
 UDF_DIR = config.UDF_DIR
 _SAFE_VALUE = re.compile(r"^[^\"'\\\n;]*$")
@@ -161,8 +161,12 @@ def run(cursor, statement: str):
     except CnnsqlError:
         raise
     except Exception as exc:  # EvaDB raises bare Exceptions with long messages
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CnnsqlError(f"EvaDB query failed: {first[:400]}", f"statement: {statement[:120]}") from exc
+        raise _failed("EvaDB query failed", exc, statement) from exc
+
+
+def _failed(what: str, exc: BaseException, statement: str) -> CnnsqlError:
+    """EvaDB's error (a bare Exception with a long message) as one line naming the statement."""
+    return CnnsqlError(f"{what}: {first_line(exc)[:400]}", f"statement: {statement[:120]}")
 
 
 def stream(cursor, statement: str):
@@ -175,8 +179,7 @@ def stream(cursor, statement: str):
     try:
         statements = Parser().parse(statement)
     except Exception as exc:  # EvaDB's parser raises bare Exceptions
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CnnsqlError(f"EvaDB could not parse the statement: {first[:400]}", f"statement: {statement[:120]}") from exc
+        raise _failed("EvaDB could not parse the statement", exc, statement) from exc
     if len(statements) != 1:
         raise CnnsqlError(f"one statement streams at a time, not {len(statements)}", f"statement: {statement[:120]}")
     try:
@@ -185,5 +188,4 @@ def stream(cursor, statement: str):
     except CnnsqlError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CnnsqlError(f"EvaDB query failed: {first[:400]}", f"statement: {statement[:120]}") from exc
+        raise _failed("EvaDB query failed", exc, statement) from exc

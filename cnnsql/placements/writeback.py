@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import secrets
 import time
@@ -34,7 +35,7 @@ import psycopg2
 from psycopg2 import sql
 
 from cnnsql import db
-from cnnsql.core.errors import CnnsqlError
+from cnnsql.core.errors import CnnsqlError, first_line
 from cnnsql.core.progress import progress_bar
 from cnnsql.data import datasets
 from cnnsql.placements.predictor import Predictor, bad_rows_message
@@ -164,8 +165,7 @@ def write_back(*, into: str, engine: str, weights: Path, placement: str = "clien
         wall = time.perf_counter() - t0 - warm_s
         return Written(into, n, bad, wall, warm_s, placement, engine, statement)
     except psycopg2.Error as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CnnsqlError(f"writing table {into} failed, nothing was written: {first}",
+        raise CnnsqlError(f"writing table {into} failed, nothing was written: {first_line(exc)}",
                           "see the server's message; a --replace'd table is unchanged") from None
     finally:
         if not conn.closed:
@@ -225,8 +225,6 @@ def _fill_client(conn, target, building, ds, split, relation, where, lo, hi, *, 
                 on_rows(len(rows))
     finally:
         reader.close()
-    if bad_total:
-        print(f"cnnsql: {bad_total} bad image(s): NULL predictions in the table")
     return f"COPY ({text}) TO STDOUT -> {engine} in this process -> COPY ... FROM STDIN", bad_total, warm_s
 
 
@@ -258,14 +256,13 @@ def _fill_postgres(conn, target, building, ds, split, relation, where, lo, hi, *
         "SELECT p.id, p.label, p.class_name, p.probability, p.probs "
         "FROM generate_series(%(lo)s::integer, %(hi)s::integer, %(b)s::integer) AS g(lo) "
         "CROSS JOIN LATERAL (SELECT array_agg(id ORDER BY id) AS ids, array_agg(img ORDER BY id) AS imgs "
-        "FROM {rel} WHERE id >= g.lo AND id < g.lo + %(b)s{cap} HAVING count(*) > 0) b "
-        "CROSS JOIN LATERAL {f}(b.ids, b.imgs) p").format(
-        t=building, rel=relation, f=function, cap=sql.SQL(" AND id <= %(hi)s"))
+        "FROM {rel} WHERE id >= g.lo AND id < g.lo + %(b)s AND id <= %(hi)s HAVING count(*) > 0) b "
+        "CROSS JOIN LATERAL {f}(b.ids, b.imgs) p").format(t=building, rel=relation, f=function)
     span = SPAN_BATCHES * batch
     t0 = time.perf_counter()
     with conn.cursor() as cur:  # this backend loads the engine: one image through the one-image function
         cur.execute(sql.SQL("SELECT ({}(%s)).label").format(
-            sql.Identifier(pgfunctions.SCHEMA, pgfunctions.sql_name(engine).lower())), (bytes(ds_input_size(ds)),))
+            sql.Identifier(pgfunctions.SCHEMA, pgfunctions.sql_name(engine).lower())), (bytes(math.prod(ds.shape)),))
     warm_s = time.perf_counter() - t0
     with conn.cursor() as cur:
         for start in range(lo, hi + 1, span):
@@ -295,14 +292,7 @@ def _fill_evadb(conn, target, building, ds, split, relation, where, lo, hi, *, e
             bad_total += sum(1 for r in out if r[1] is None)
             _copy_in(cur, building, out)
             on_rows(len(out))
-    if bad_total:
-        print(f"cnnsql: {bad_total} bad image(s): NULL predictions in the table")
     return query, bad_total, warm_s
-
-
-def ds_input_size(ds) -> int:
-    c, h, w = ds.shape
-    return c * h * w
 
 
 def _missing(label) -> bool:

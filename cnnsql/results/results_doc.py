@@ -126,8 +126,8 @@ def render(sessions: list[tuple[str, dict]], limit: int | None = MAX_SESSIONS) -
     return "\n".join(out).rstrip()
 
 
-STUDY_TABLE = re.compile(r"(<!-- study-table: (?P<file>results/studies/[\w./-]+\.json)(?: columns=(?P<cols>[\w,]+))? -->\n)"
-                         r"(?P<body>.*?)(<!-- study-table:end -->)", re.S)
+STUDY_TABLE = re.compile(r"(?P<begin><!-- study-table: (?P<file>results/studies/[\w./-]+\.json)(?: columns=(?P<cols>[\w,]+))? -->\n)"
+                         r"(?P<body>.*?)(?P<end><!-- study-table:end -->)", re.S)
 
 
 def study_table(path: Path, columns: list[str] | None) -> str:
@@ -136,11 +136,11 @@ def study_table(path: Path, columns: list[str] | None) -> str:
     rows = doc.get("rows") or []
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
     lines = _table(cols, [[fmt.auto(r.get(c)) for c in cols] for r in rows])
-    noisy = [n["measurement"] for n in doc.get("noise", []) if n.get("noisy")]
+    noise = doc.get("noise", [])
+    noisy = [n["measurement"] for n in noise if n.get("noisy")]
     m = doc.get("machine") or {}
     lines += ["", f"`{path.relative_to(REPO)}`: {doc.get('verdict')}"
-              + (f" ({len(noisy)} of {len(doc.get('noise', []))} measurements noisy: {'; '.join(noisy[:3])})"
-                 if noisy else f" (0 of {len(doc.get('noise', []))} measurements noisy)")
+              + f" ({len(noisy)} of {len(noise)} measurements noisy" + (f": {'; '.join(noisy[:3])})" if noisy else ")")
               + f", started {str(doc.get('started_at', ''))[:16].replace('T', ' ')} UTC on {m.get('host', '?')}"
               + "."]
     return "\n".join(lines) + "\n"
@@ -153,7 +153,7 @@ def study_blocks(text: str) -> str:
         if not path.is_file():
             raise CnnsqlError(f"a study table names {m.group('file')}, which does not exist", "commit the file or fix the name")
         cols = m.group("cols").split(",") if m.group("cols") else None
-        return m.group(1) + study_table(path, cols) + m.group(5)
+        return m.group("begin") + study_table(path, cols) + m.group("end")
     return STUDY_TABLE.sub(sub, text)
 
 
@@ -162,14 +162,9 @@ def studies(check: bool = False) -> bool:
     current = True
     for path in sorted((REPO / "docs").glob("*.md")):
         text = path.read_text()
-        new = study_blocks(text)
-        if new == text:
-            continue
-        if check:
-            raise CnnsqlError(f"{path.relative_to(REPO)}'s study tables disagree with results/studies/",
-                              "run `cnnsql results readme` and commit the docs")
-        path.write_text(new)
-        current = False
+        current &= _update(path, text, study_blocks(text), check,
+                           f"{path.relative_to(REPO)}'s study tables disagree with results/studies/",
+                           "run `cnnsql results readme` and commit the docs")
     return current
 
 
@@ -196,15 +191,20 @@ def readme(folder: Path = REPO / "results" / "sessions", readme_path: Path | Non
     current = True
     for path, n in targets:
         text = path.read_text()
-        old, new = current_block(text), block(render(sessions, n))
-        if old == new:
-            continue
-        if check:
-            raise CnnsqlError(f"{path.name}'s results tables disagree with results/sessions/*.json",
-                              "run `cnnsql results readme` and commit README.md and docs/results.md")
-        path.write_text(text.replace(old, new))
-        current = False
+        current &= _update(path, text, text.replace(current_block(text), block(render(sessions, n))), check,
+                           f"{path.name}'s results tables disagree with results/sessions/*.json",
+                           "run `cnnsql results readme` and commit README.md and docs/results.md")
     return current
+
+
+def _update(path: Path, text: str, new: str, check: bool, problem: str, fix: str) -> bool:
+    """Write a generated document's new text (check: raise `problem` instead); whether it was current."""
+    if new == text:
+        return True
+    if check:
+        raise CnnsqlError(problem, fix)
+    path.write_text(new)
+    return False
 
 
 def cmd_results(args) -> int:

@@ -127,6 +127,8 @@ def child_sql(engine_name: str, weights: str, threads: int, limit: int | None, s
 
 
 def child_write(kind: str, engine_name: str, weights: str, threads: int, limit: int | None, split: str) -> dict:
+    from psycopg2 import sql
+
     from cnnsql import db
     from cnnsql.placements import writeback
 
@@ -134,10 +136,10 @@ def child_write(kind: str, engine_name: str, weights: str, threads: int, limit: 
     done = writeback.write_back(into=table, engine=engine_name, weights=Path(weights), placement=kind, split=split,
                                 limit=limit, replace=True, threads=threads, progress=False)
     with db.connection() as conn, conn.cursor() as cur:
-        cur.execute(f"SELECT count(*), count(DISTINCT id), coalesce(bit_xor(id::bigint * 2654435761 % {1 << 61}), 0) "
-                    f"FROM {table}")
+        cur.execute(sql.SQL("SELECT count(*), count(DISTINCT id), coalesce(bit_xor(id::bigint * 2654435761 %% %s), 0) "
+                            "FROM {}").format(sql.Identifier(table)), (1 << 61,))
         rows, distinct, xor = cur.fetchone()
-        cur.execute(f"DROP TABLE {table}")
+        cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(table)))
         conn.commit()
     return {"rows": rows, "distinct": distinct, "wall_s": done.wall_s, "warmup_s": done.warmup_s,
             "ids_xor": int(xor), "query": done.statement}
@@ -165,30 +167,27 @@ def child_main(argv: list[str]) -> None:
 
 # --- the parent: phases in fresh processes, the server sampled --------------------------------
 
-def server_children(postmaster: int | None) -> set[int]:
-    try:
-        return set(map(int, Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()))
-    except (OSError, ValueError, TypeError):
-        return set()
+def server_processes(postmaster: int | None) -> set[int]:
+    from cnnsql.measure.monitor import server_children
+
+    return set(server_children(postmaster) or ())
 
 
 def settle(postmaster: int | None, baseline: set[int], timeout: float = 30.0) -> float:
     """Wait until the server processes a previous phase started have exited (a backend that ran a
     framework takes a moment to end), so that a phase's server figures are its own. Seconds waited."""
     t0 = time.monotonic()
-    while server_children(postmaster) - baseline and time.monotonic() - t0 < timeout:
+    while server_processes(postmaster) - baseline and time.monotonic() - t0 < timeout:
         time.sleep(0.1)
     return time.monotonic() - t0
 
 
-_BASELINE: set[int] = set()
-
-
-def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None) -> tuple[dict, str]:
-    """Run one phase in a fresh process: wall, exit, peak RSS (wait4), the server's peaks, the noise verdict."""
+def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None, baseline: set[int]) -> tuple[dict, str]:
+    """Run one phase in a fresh process, once the server has only the `baseline` processes: wall, exit, peak
+    RSS (wait4), the server's peaks, the noise verdict."""
     from cnnsql.measure.monitor import ServerSampler
 
-    settled_s = settle(postmaster, _BASELINE)
+    settled_s = settle(postmaster, baseline)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         with ChildClock((postmaster,) if postmaster else ()) as clock, ServerSampler(postmaster) as sampler:
@@ -259,10 +258,10 @@ def record(conn, session: str, n: int, phase: str, engine: str | None, rows: int
     conn.commit()
 
 
-def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaster: int | None, rows: list,
-                 checks: list) -> None:
+def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaster: int | None, baseline: set[int],
+                 rows: list, checks: list) -> None:
     fig, out = run_phase(ctx, f"N={n} load (child process)",
-                         [sys.executable, "-m", "cnnsql", "load", "--quiet", "--synthetic", str(n)], postmaster)
+                         [sys.executable, "-m", "cnnsql", "load", "--quiet", "--synthetic", str(n)], postmaster, baseline)
     fig["client_peak_rss_mb"] = fig["process_peak_rss_mb"]
     n_test = max(1, n // 5)
     n_split = n_test if args.split == "test" else n
@@ -287,7 +286,7 @@ def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaste
                 cmd = [sys.executable, "-m", "cnnsql.bench.studies.growth", "--child", kind, "--engine", engine,
                        "--weights", str(weights), "--threads", str(args.threads), "--split", args.split] + (
                     ["--limit", str(limit)] if limit else [])
-                f, out = run_phase(ctx, f"N={n} {engine} {kind} (child process)", cmd, postmaster)
+                f, out = run_phase(ctx, f"N={n} {engine} {kind} (child process)", cmd, postmaster, baseline)
                 res = json.loads(out.strip().splitlines()[-1])
                 ok = res["rows"] == expected and res["ids_xor"] == want_xor and res.get("distinct", res["rows"]) == res["rows"]
                 checks.append(check(f"N={n} {engine} {kind}: each of {expected} ids once", ok, f"{res['rows']} rows"))
@@ -392,11 +391,10 @@ def run(ctx, args) -> dict:
                           f"choose from {','.join(PASSES)}")
     session = args.session or results.new_session_id()
     postmaster = postmaster_pid(conn)
-    _BASELINE.clear()
-    _BASELINE.update(server_children(postmaster))  # the server's own processes and this connection's backend
+    baseline = server_processes(postmaster)  # the server's own processes and this connection's backend
     rows, checks = [], []
     for n in (int(x) for x in args.sizes.split(",") if x):
-        measure_size(ctx, conn, args, weights, session, n, postmaster, rows, checks)
+        measure_size(ctx, conn, args, weights, session, n, postmaster, baseline, rows, checks)
     if args.plot:
         plot(conn, session, args.plot)
         ctx.say(f"plot: {args.plot}")

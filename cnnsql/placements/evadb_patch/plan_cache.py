@@ -30,7 +30,6 @@ CNNSQL_PLAN_CACHE=0 turns it off.
 from __future__ import annotations
 
 import collections
-import contextlib
 import re
 import threading
 import time
@@ -46,7 +45,6 @@ from evadb.expression.tuple_value_expression import TupleValueExpression
 from evadb.interfaces.relational.relation import EvaDBQuery
 from evadb.models.storage.batch import Batch
 from evadb.parser.select_statement import SelectStatement
-from evadb.third_party.databases import interface
 
 # an integer literal outside quotes (strings and quoted identifiers are matched first and kept)
 _TOKENS = re.compile(r"'(?:[^']|'')*'|\"[^\"]*\"|(?<![\w.])(\d+)(?![\w.])")
@@ -54,6 +52,7 @@ SENTINEL = 2_000_000_000  # the i-th literal is SENTINEL + i while a shape compi
 FEW_ROWS = 64  # a direct run after one that returned at most this many rows reads by cursor, not COPY
 COLUMNS_TTL_S = 1.0
 MAX_SHAPES = 256
+MISSING = object()  # PlanCache.get: a shape not seen yet
 STATS = {"hits": 0, "misses": 0, "checked": 0, "rejected": 0, "fallbacks": 0}
 
 
@@ -89,13 +88,14 @@ class Plan:
     targets: list[tuple]             # ("col", name) | ("fn", factory, input column, outputs)
     names: list = field(default_factory=list)    # learnt: EvaDB's output names and dtypes
     dtypes: list = field(default_factory=list)
-    state: str = "checking"          # checking -> fast, or dropped
+    state: str = "checking"          # checking -> fast (a shape that fails its check is stored as None)
     last_rows: int | None = None     # rows of the last direct run
     memo: dict = field(default_factory=dict)    # the table's columns (handler.get_columns), and when asked
     memo_at: float = float("-inf")
 
     def run(self, evadb, values: list[int]) -> pd.DataFrame:
         from cnnsql.placements.evadb_patch import handler as handler_module
+        from cnnsql.placements.evadb_patch.pushdown import stream_frames
 
         arg = [values[v] if kind == "lit" else v for kind, v in self.params]
         limit = values[self.limit[1]] if self.limit else None
@@ -108,13 +108,9 @@ class Plan:
         if now - self.memo_at > COLUMNS_TTL_S:  # the table's columns asked again at most once a second
             self.memo, self.memo_at = {}, now
         token = handler_module._columns_memo.set(self.memo)
-        pieces = []
         try:
-            with interface.get_database_handler(entry.engine, **entry.params) as handler:
-                with contextlib.closing(handler.stream(self.table, self.columns, self.where, arg, limit,
-                                                       binary=self.binary, whole=whole)) as chunks:
-                    for frame in chunks:
-                        pieces.append(self._outputs(frame, instances))
+            pieces = [self._outputs(frame, instances) for frame in stream_frames(
+                entry, self.table, self.columns, self.where, arg, limit, binary=self.binary, whole=whole)]
         finally:
             handler_module._columns_memo.reset(token)
         self.last_rows = sum(len(p) for p in pieces)
@@ -238,11 +234,12 @@ class PlanCache:
             self.plans.clear()
 
     def get(self, key: str):
+        """The shape's Plan, None (not cached: EvaDB answers it), or MISSING (never run yet)."""
         with self.lock:
             if key in self.plans:
                 self.plans.move_to_end(key)
                 return self.plans[key]
-        return KeyError
+        return MISSING
 
     def put(self, key: str, plan: Plan | None) -> None:
         with self.lock:
@@ -280,8 +277,9 @@ def clear_all() -> None:
 class CachedQuery(EvaDBQuery):
     """What `cursor.query(text)` returns: EvaDB's query, executed through the shape cache when it can be."""
 
-    def __init__(self, evadb, text: str, node=None):
+    def __init__(self, evadb, text: str, node=None, shaped: tuple[str, list[int]] | None = None):
         self._evadb, self._alias, self._text, self._node = evadb, None, text, node
+        self._shape = shaped or shape(text)
 
     @property
     def _query_node(self):
@@ -302,9 +300,9 @@ class CachedQuery(EvaDBQuery):
         cache = cache_of(self._evadb)
         if cache is None or not drop_alias:
             return self._slow(drop_alias)
-        key, values = shape(self._text)
+        key, values = self._shape
         plan = cache.get(key)
-        if plan is KeyError:
+        if plan is MISSING:
             STATS["misses"] += 1
             if not isinstance(self._query_node, SelectStatement):
                 cache.clear()  # DDL, USE, LOAD, ...: anything cached may be stale
@@ -345,17 +343,16 @@ class CachedQuery(EvaDBQuery):
 def query(cursor, text: str) -> EvaDBQuery:
     """The patched `EvaDBCursor.query`: stock parses here (its errors are raised here); a shape known
     to run directly is not parsed at all."""
-    cache = cache_of(cursor._evadb)
-    if cache is not None:
-        plan = cache.get(shape(text)[0])
-        if isinstance(plan, Plan) and plan.state == "fast":
-            return CachedQuery(cursor._evadb, text)
     from evadb.parser.utils import parse_query
 
-    node = parse_query(text)
+    cache = cache_of(cursor._evadb)
     if cache is None:
-        return EvaDBQuery(cursor._evadb, node)
-    return CachedQuery(cursor._evadb, text, node)
+        return EvaDBQuery(cursor._evadb, parse_query(text))
+    shaped = shape(text)
+    plan = cache.get(shaped[0])
+    if isinstance(plan, Plan) and plan.state == "fast":
+        return CachedQuery(cursor._evadb, text, shaped=shaped)
+    return CachedQuery(cursor._evadb, text, parse_query(text), shaped)
 
 
 def install() -> None:

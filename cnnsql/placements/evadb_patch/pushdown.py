@@ -158,6 +158,15 @@ def _apply(self, before, context):
 
 
 # --------------------------------------------------------------------------- the executor
+def stream_frames(entry, table: str, columns: list[str], where, params, limit: int | None, binary: bool,
+                  whole: bool):
+    """DataFrames of a scan of `table` in the data source `entry` through its handler (handler.stream)."""
+    with interface.get_database_handler(entry.engine, **entry.params) as handler:
+        with contextlib.closing(handler.stream(table, columns, where, params, limit, binary=binary,
+                                               whole=whole)) as chunks:
+            yield from chunks
+
+
 def _scan(entry, table, predicate, hints: ScanHints | None):
     names = [c.name for c in table.columns]
     columns = [c for c in names if hints is None or hints.columns is None or c in hints.columns] or names[:1]
@@ -165,12 +174,9 @@ def _scan(entry, table, predicate, hints: ScanHints | None):
     limit = hints.limit if hints else None
     if limit is not None:
         STATS["limits"] = (STATS["limits"] + [limit])[-20:]
-    with interface.get_database_handler(entry.engine, **entry.params) as handler:
-        with contextlib.closing(handler.stream(table.name, columns, where, params, limit,
-                                                         binary=bool(hints and hints.binary),
-                                                         whole=bool(hints and hints.whole))) as chunks:
-            for frame in chunks:
-                yield Batch(frame)
+    for frame in stream_frames(entry, table.name, columns, where, params, limit, binary=bool(hints and hints.binary),
+                               whole=bool(hints and hints.whole)):
+        yield Batch(frame)
 
 
 def _exec(self, *args, **kwargs):
