@@ -37,6 +37,10 @@ CACHED = [  # each runs with every value set; the shape must take the direct way
      [(10, 14), (0, 2), (5, 5), (20, 90)]),
     ("SELECT TorchCNN(img).class_name, id FROM pg.cifar_test WHERE id = {0} OR id = {1};", [(1, 2), (4, 4), (8, 3), (6, 99999)]),
     ("SELECT id, label FROM pg.cifar_test WHERE id < {0};", [(4,), (0,), (30,), (2,)]),
+    # a few rows, then more than the one-statement read's bound (read again by the stream), then few again
+    ("SELECT id, TorchCNN(img).label FROM pg.cifar_test WHERE id < {0};", [(3,), (5,), (2,), (200,), (1,), (0,), (64,)]),
+    ("SELECT id, TorchCNN(img) FROM pg.cifar_test WHERE id >= {0} LIMIT {1};",
+     [(0, 2), (3, 1), (5, 100), (0, 65), (7, 66), (1, 3)]),
 ]
 NOT_CACHED = [  # answered by EvaDB every time
     ("SELECT id, TorchCNN(img).label FROM pg.cifar_test WHERE id < {0} ORDER BY id DESC;", [(5,), (3,), (7,)]),
@@ -58,7 +62,7 @@ def test_answers_equal_evadbs_and_simple_shapes_run_directly(cursors, template, 
     from cnnsql.placements import evadb_session
 
     cached, plain = cursors
-    hits = plan_cache.STATS["hits"]
+    hits, short, reread = (plan_cache.STATS[k] for k in ("hits", "short_reads", "reread"))
     for vals in values:
         q = template.format(*vals)
         got, want = evadb_session.run(cached, q), evadb_session.run(plain, q)
@@ -66,6 +70,8 @@ def test_answers_equal_evadbs_and_simple_shapes_run_directly(cursors, template, 
     direct = plan_cache.STATS["hits"] - hits
     if (template, values) in CACHED:
         assert direct == len(values) - 2  # learnt on the first run, checked on the second
+        if any(v[0] >= 100 for v in values):  # a result past the one-statement read's bound was read again
+            assert plan_cache.STATS["reread"] > reread and plan_cache.STATS["short_reads"] > short
     else:
         assert direct == 0
 
@@ -97,3 +103,19 @@ def test_the_direct_way_is_only_taken_when_it_gave_evadbs_answer(cursors, monkey
     for k in range(4):
         assert len(evadb_session.run(cached, q.format(k))) == 1
     assert plan_cache.cache_of(cached._evadb).get(shape(q.format(0))[0]) is None
+
+
+def test_a_null_image_under_a_learnt_shape_gets_evadbs_null_outputs(cursors, conn):
+    """The one-statement read with a bad row among good ones: the answer is EvaDB's (NULL outputs)."""
+    from cnnsql.placements import evadb_session
+
+    with conn.cursor() as cur:
+        cur.execute("CREATE OR REPLACE VIEW plan_cache_mixed AS SELECT id, "
+                    "CASE WHEN id % 3 = 1 THEN NULL ELSE img END AS img FROM cifar_test WHERE id < 60")
+    conn.commit()
+    cached, plain = cursors
+    q = "SELECT id, TorchCNN(img) FROM pg.plan_cache_mixed WHERE id >= {} AND id < {};"
+    for lo, hi in [(0, 1), (3, 4), (6, 7), (9, 10), (1, 2), (3, 5), (12, 13), (0, 8)]:
+        got, want = evadb_session.run(cached, q.format(lo, hi)), evadb_session.run(plain, q.format(lo, hi))
+        assert same_result(got, want), (lo, hi, got, want)
+        assert got["label"].isna().sum() == sum(1 for i in range(lo, hi) if i % 3 == 1)

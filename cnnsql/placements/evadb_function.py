@@ -87,25 +87,31 @@ class CNNFunction(AbstractFunction):
             column_shapes=[(None,), (None,), (None,), (10,)])],
     )
     def forward(self, frames: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(self.output_columns(frames.iloc[:, 0].tolist()))
+
+    def output_columns(self, values: list) -> dict[str, object]:
+        """forward() without DataFrames: the images `values` (stored bytes or base64 text) -> the output
+        columns by name (what forward's frame is built from; the plan cache's direct run builds one frame
+        for the whole result from them)."""
         self._load()
         stats = STATS.setdefault(self.engine_name, {"decode_s": 0.0, "predict_s": 0.0, "rows": 0, "bad_rows": 0})
         t0 = time.perf_counter()
-        dec = self.predictor.decode(frames.iloc[:, 0].tolist())
+        dec = self.predictor.decode(values)
         images, ok = dec.images, dec.ok
         t1 = time.perf_counter()
         probs = self.predictor.predict(images, self.batch_size)
         t2 = time.perf_counter()
         stats["decode_s"] += t1 - t0
         stats["predict_s"] += t2 - t1
-        stats["rows"] += len(frames)
-        return self._frame(probs, ok, stats)
+        stats["rows"] += len(values)
+        return self._columns(probs, ok, stats)
 
-    def _frame(self, probs: np.ndarray, ok: np.ndarray, stats: dict) -> pd.DataFrame:
+    def _columns(self, probs: np.ndarray, ok: np.ndarray, stats: dict) -> dict[str, object]:
         n = len(ok)
         if ok.all():
             top = probs.argmax(axis=1)
-            return pd.DataFrame({"label": top.astype(np.int32), "class_name": [self.class_names[k] for k in top],
-                                 "probability": probs[np.arange(n), top], "probs": list(probs)})
+            return {"label": top.astype(np.int32), "class_name": [self.class_names[k] for k in top],
+                    "probability": probs[np.arange(n), top], "probs": list(probs)}
         bad = np.flatnonzero(~ok)
         stats["bad_rows"] += len(bad)
         log.warning("%s: %d row(s) with NULL or malformed img (positions %s in this batch): NULL predictions",
@@ -115,4 +121,4 @@ class CNNFunction(AbstractFunction):
         top = probs.argmax(axis=1)
         for j, i in enumerate(np.flatnonzero(ok)):
             label[i], name[i], prob[i], vecs[i] = top[j], self.class_names[top[j]], probs[j, top[j]], probs[j]
-        return pd.DataFrame({"label": label, "class_name": name, "probability": prob, "probs": vecs})
+        return {"label": label, "class_name": name, "probability": prob, "probs": vecs}

@@ -97,14 +97,7 @@ class StreamingPostgresHandler(STOCK_HANDLER):
 
         binary: read the table's binary twin (bytea images arrive as memoryview) when it has one.
         whole: the caller reads every row (no LIMIT left to EvaDB): a binary read then goes by COPY."""
-        twin = self.binary_twin(table) if binary else None
-        relation = twin or psql.Identifier(table)
-        STATS["binary"] += twin is not None
-        query = psql.SQL("SELECT {} FROM {}").format(psql.SQL(", ").join(map(psql.Identifier, columns)), relation)
-        if where is not None:
-            query = psql.SQL("{} WHERE {}").format(query, where)
-        if limit is not None:
-            query = psql.SQL("{} LIMIT {}").format(query, psql.Literal(int(limit)))
+        query, twin = self._select(table, columns, where, limit, binary)
         conn = self.connection
         STATS["streams"] += 1
         with conn.cursor() as cursor:
@@ -118,6 +111,30 @@ class StreamingPostgresHandler(STOCK_HANDLER):
             return
         with conn.cursor() as cursor:
             yield from _chunks(conn, cursor, query, list(params), columns)
+
+    def rows(self, table: str, columns: list[str], where=None, params=(), limit: int = 1,
+             binary: bool = False) -> list[tuple]:
+        """The rows of `SELECT columns FROM table [WHERE] LIMIT limit` as tuples, in one round trip (a
+        plain statement, no cursor): for a result known to be small (the plan cache's one-image query)."""
+        query, _ = self._select(table, columns, where, int(limit), binary)
+        STATS["streams"] += 1
+        with self.connection.cursor() as cursor:
+            cursor.execute(query, list(params))
+            rows = cursor.fetchall()
+        STATS["rows"] += len(rows)
+        return rows
+
+    def _select(self, table: str, columns: list[str], where, limit: int | None, binary: bool):
+        """(`SELECT columns FROM table-or-its-binary-twin [WHERE] [LIMIT]`, the twin or None)."""
+        twin = self.binary_twin(table) if binary else None
+        STATS["binary"] += twin is not None
+        query = psql.SQL("SELECT {} FROM {}").format(psql.SQL(", ").join(map(psql.Identifier, columns)),
+                                                     twin or psql.Identifier(table))
+        if where is not None:
+            query = psql.SQL("{} WHERE {}").format(query, where)
+        if limit is not None:
+            query = psql.SQL("{} LIMIT {}").format(query, psql.Literal(int(limit)))
+        return query, twin
 
     def _copy_types(self, table: str, columns: list[str]) -> list[str] | None:
         """Type names of `columns` in the binary twin (img is bytea there; the others are the
