@@ -78,18 +78,20 @@ def test_clients_study_through_the_pool(pooler, loaded, server_tmp, tmp_path):
     W.save_weights(path, W.random_weights(4).arrays, {"trained_by": "random", "seed": 4})
     out = tmp_path / "clients.json"
     proc = run_cli("study", "clients", "--weights", str(path), "--clients", "1,3", "--seconds", "1", "--images", "8",
-                   "--pool-size", "1", "--rates", "30", "--out", str(out), "--quiet", check=False)
+                   "--pool-size", "1", "--rates", "30", "--jobs", "1,0", "--out", str(out), "--quiet", check=False)
     assert proc.returncode in (0, 3), proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["checks"] and all(c["ok"] for c in doc["checks"]), doc["checks"]
-    cells = {(r["via"], r["clients"]): r for r in doc["rows"]}
-    assert set(cells) == {("direct", 1), ("direct", 3), ("pooler", 1), ("pooler", 3)}
+    cells = {(r["via"], r["clients"], r["jobs"]): r for r in doc["rows"]}
+    # clients driven by one process (--jobs 1) and by one process each (--jobs 0)
+    assert set(cells) == {(v, n, j) for v in ("direct", "pooler") for n, j in ((1, 1), (3, 1), (3, 3))}
+    assert len(doc["rows"]) == 8
     assert all(r["queries"] > 0 and r["wrong"] == 0 and r["rate"] == 30 for r in cells.values())
     # open loop at 30 q/s in all for 1 s: about 30 answers per cell, never more than scheduled
     assert all(r["queries"] <= 31 for r in cells.values()), cells
-    assert {(b["via"], b["clients"]) for b in doc["best"]} == set(cells)
+    assert {(b["via"], b["clients"], b["jobs"]) for b in doc["best"]} == set(cells)
     # three clients through a pool of one: no client waits for a framework to load
-    assert cells[("pooler", 3)]["warm_s"] < 1.0 <= doc["pool_warm_s"] + 1.0
+    assert cells[("pooler", 3, 1)]["warm_s"] < 1.0 <= doc["pool_warm_s"] + 1.0
     assert not pooler.status()  # the study stops the pooler it started
 
 

@@ -114,11 +114,16 @@ SQL_DIR = config.SQL_DIR
 
 
 def private_server_pid(conn) -> int | None:
-    """The private cluster's postmaster (the parent of this connection's backend), or None."""
+    """The postmaster of a server on this machine (the parent of this connection's backend), or None
+    (a server elsewhere: the backend's pid then names no postgres process here)."""
     import psutil
 
     try:
-        return psutil.Process(conn.get_backend_pid()).ppid() or None
+        backend = psutil.Process(conn.get_backend_pid())
+        parent = backend.parent()
+        if parent is None or not all("postgres" in (p.name() + " ".join(p.cmdline()[:1])) for p in (backend, parent)):
+            return None
+        return parent.pid
     except psutil.Error:
         return None
 

@@ -98,6 +98,19 @@ def server_children(postmaster: int | None) -> list[int] | None:
         return None
 
 
+def server_processes(postmaster: int | None) -> set[int]:
+    return set(server_children(postmaster) or ())
+
+
+def settle(postmaster: int | None, baseline: set[int], timeout: float = 30.0) -> float:
+    """Wait until the server processes a previous measurement started have exited (a backend that ran a
+    framework takes a moment to end), so that the next one's server figures are its own. Seconds waited."""
+    t0 = time.monotonic()
+    while server_processes(postmaster) - baseline and time.monotonic() - t0 < timeout:
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
 class ServerSampler:
     """Context manager: peak VmRSS and RssAnon of one PostgreSQL server process, and peak sum of RssAnon
     over all of them (a backend's RSS includes the shared buffers it touched, RssAnon does not), read

@@ -4,9 +4,11 @@ One-image queries to the functions inside PostgreSQL, each client on its own con
 the private cluster or through PgBouncer.
 
 For each --via (direct: the cluster's socket; pooler: `cnnsql db pooler`, PgBouncer in transaction
-pooling with --pool-size server connections) and each --clients count N, N client processes (forked)
-connect, send one warm-up query each (its wall is the warm-up figure: a new backend imports its
-framework), wait at a barrier, then send
+pooling with --pool-size server connections) and each --clients count N, N clients, each on its own
+connection, driven by --jobs processes (as pgbench's -c N -j J: a process drives its share of the
+connections asynchronously; the default 1 keeps the load generator's own CPU cost the same at every N
+on the machine the server shares; 0: one forked process per client), connect, send one warm-up query
+each (its wall is the warm-up figure: a new backend imports its framework), wait at a barrier, then send
     SELECT (cnnsql.<Engine>CNN(img)).label FROM <test view> WHERE id = %s
 for --seconds: back to back (closed loop), or, with --rates R1,R2,..., at each R queries/s in all
 (open loop, the rates stepped up per client count), each client on a fixed schedule, latency counted
@@ -16,12 +18,15 @@ checked against the raw engine's label for that image; an error is counted with 
 Figures per cell: queries/s, p50/p99 latency (ms), wrong answers, errors, the warm-up wall of the
 slowest client, and the server's memory: the peak sum of RssAnon over all its processes (backends
 with a loaded framework dominate; measure.monitor.ServerSampler, every 0.2 s). Cells run in turn
-(direct then pooler for each N); noise: the Clock's rule (other processes' CPU share) per cell.
+(direct then pooler for each N), each once the previous cell's backends have exited; noise: the
+Clock's rule (other processes' CPU share) per cell. Per (via, jobs, N) the best rate, and its share of
+the best N's through the same way with the same --jobs.
 Checks: no wrong answer, no error. The functions are installed with --weights (default weights).
 Private cluster only (it installs functions and starts the pooler).
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import time
@@ -47,62 +52,163 @@ def arguments(ap) -> None:
     ap.add_argument("--p99-ms", type=float, default=50.0, help="latency bound of the best open-loop rate (ms)")
     ap.add_argument("--pool-size", type=int, default=None, help="PgBouncer's server connections (default: cores)")
     ap.add_argument("--images", type=int, default=200, help="the test images the queries cycle over")
+    ap.add_argument("--jobs", default="1", help="load-generator processes driving the clients, comma-separated "
+                    "settings each run (as pgbench's -j; 0: one process per client); default 1")
 
 
-def _client(k: int, n: int, conninfo: dict, query: str, ids: list, expected: dict, seconds: float, rate, barrier,
-            queue) -> None:
-    import psycopg2
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
-    out = {"lat": [], "wrong": 0, "errors": [], "warm_s": None}
-    try:
-        conn = psycopg2.connect(**conninfo, connect_timeout=30, application_name=f"cnnsql-client-{k}")
-        conn.autocommit = True
-        cur = conn.cursor()
-        t0 = time.perf_counter()
-        cur.execute(query, (ids[k % len(ids)],))
-        cur.fetchall()
-        out["warm_s"] = time.perf_counter() - t0
-    except Exception as exc:  # noqa: BLE001 - reported, never raised in a child
-        out["errors"].append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        conn = None
+
+class _Client:
+    """One client: its own connection (psycopg2's asynchronous mode, so one process drives many), its
+    schedule and its figures."""
+
+    def __init__(self, k: int, n: int, conninfo: dict, rate):
+        import psycopg2
+
+        self.k, self.i, self.busy, self.due, self.image = k, 0, False, 0.0, None
+        self.interval = n / rate if rate else 0.0
+        self.offset = self.interval * k / n if rate else 0.0
+        self.out = {"lat": [], "wrong": 0, "errors": [], "warm_s": None}
+        self.conn = psycopg2.connect(**conninfo, connect_timeout=30, application_name=f"cnnsql-client-{k}",
+                                     async_=1)
+        self.cur = None
+
+    def send(self, query: str, image, due: float) -> None:
+        self.image, self.due, self.busy = image, due, True
+        try:
+            self.cur = self.cur or self.conn.cursor()
+            self.cur.execute(query, (image,))
+        except Exception as exc:  # noqa: BLE001 - counted, never raised in a child
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """An error counted; a query in flight is over (the schedule moves on)."""
+        self.out["errors"].append(_first_line(exc))
+        self.i += self.busy
+        self.busy = False
+
+    def poll(self) -> int | None:
+        """Advances the connection; -> what it waits for (POLL_READ/POLL_WRITE), or None when done."""
+        import psycopg2.extensions as ext
+
+        try:
+            state = self.conn.poll()
+        except Exception as exc:  # noqa: BLE001
+            self.fail(exc)
+            return None
+        return None if state == ext.POLL_OK else state
+
+
+def _poll_once(busy: list[_Client], on_done, timeout) -> None:
+    """Advances each busy client; waits (at most `timeout` s; None: until one is ready) for a socket;
+    on_done(client) for each that finished its work."""
+    import select
+
+    import psycopg2.extensions as ext
+
+    reads, writes, by_conn = [], [], {}
+    for c in busy:
+        state = c.poll()
+        if state is None:
+            on_done(c) if c.busy else None
+            continue
+        (reads if state == ext.POLL_READ else writes).append(c.conn)
+        by_conn[id(c.conn)] = c
+    if not by_conn:
+        return
+    ready_r, ready_w, _ = select.select(reads, writes, [], timeout)
+    for conn in ready_r + ready_w:
+        c = by_conn[id(conn)]
+        if c.poll() is None and c.busy:
+            on_done(c)
+
+
+def _wait_all(clients: list[_Client], on_done) -> None:
+    while busy := [c for c in clients if c.busy]:
+        _poll_once(busy, on_done, 1.0)
+
+
+def _job(members: list[int], n: int, conninfo: dict, query: str, ids: list, expected: dict, seconds: float, rate,
+         barrier, queue) -> None:
+    """The clients `members` of n, driven by this one process (as pgbench's -j drives its share of -c):
+    connect, one warm-up query each (all at once), the barrier, then each client's schedule for `seconds`:
+    back to back (closed loop), or client k's i-th query due at start + (k/n + i) * n/rate (open loop;
+    latency from the due time, so a late answer counts its wait)."""
+    clients: list[_Client] = []
+    for k in members:
+        try:
+            clients.append(_Client(k, n, conninfo, rate))
+        except Exception as exc:  # noqa: BLE001 - counted, never raised in a child
+            queue.put({"lat": [], "wrong": 0, "errors": [_first_line(exc)], "warm_s": None, "span": None})
+    for c in clients:
+        c.busy = True  # connecting
+    _wait_all(clients, lambda c: setattr(c, "busy", False))
+    t0 = time.perf_counter()
+    for c in clients:
+        if not c.out["errors"]:
+            c.send(query, ids[c.k % len(ids)], t0)
+
+    def warmed(c):
+        c.busy = False
+        try:
+            c.cur.fetchall()
+            c.out["warm_s"] = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001
+            c.fail(exc)
+    _wait_all(clients, warmed)
     barrier.wait()
     start = time.perf_counter()
-    i = 0
-    interval = n / rate if rate else 0.0
-    offset = interval * k / n if rate else 0.0
-    while conn is not None:
-        due = start + offset + i * interval if rate else time.perf_counter()
-        if due - start >= seconds:
-            break
-        if rate:
-            pause = due - time.perf_counter()
-            if pause > 0:
-                time.sleep(pause)
-        image = ids[(k * 7919 + i) % len(ids)]
+
+    def answered(c):
+        c.busy = False
+        c.i += 1
         try:
-            cur.execute(query, (image,))
-            label = cur.fetchone()[0]
-            out["lat"].append(time.perf_counter() - due)
-            out["wrong"] += int(label != expected[image])
+            label = c.cur.fetchone()[0]
+            c.out["lat"].append(time.perf_counter() - c.due)
+            c.out["wrong"] += int(label != expected[c.image])
         except Exception as exc:  # noqa: BLE001
-            out["errors"].append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-            if len(out["errors"]) > 20:
-                break
-        i += 1
-    if conn is not None:
-        conn.close()
-    out["span"] = (start, time.perf_counter())  # CLOCK_MONOTONIC: comparable across the forked clients
-    queue.put(out)
+            c.fail(exc)
+
+    def due_of(c):
+        return start + c.offset + c.i * c.interval if rate else time.perf_counter()
+
+    active = [c for c in clients if c.out["warm_s"] is not None]
+    while active:
+        now = time.perf_counter()
+        for c in list(active):
+            if c.busy:
+                continue
+            due = due_of(c)
+            if due - start >= seconds or len(c.out["errors"]) > 20:
+                active.remove(c)
+            elif due <= now:
+                c.send(query, ids[(c.k * 7919 + c.i) % len(ids)], due)
+        busy = [c for c in active if c.busy]
+        next_due = min((due_of(c) for c in active if not c.busy), default=None)
+        timeout = None if next_due is None else max(0.0, next_due - time.perf_counter())
+        if busy:
+            _poll_once(busy, answered, timeout)  # an answer, or the next idle client's due time
+        elif timeout:
+            time.sleep(timeout)
+    end = time.perf_counter()
+    for c in clients:
+        c.conn.close()
+        queue.put({**c.out, "span": (start, end) if c.out["warm_s"] is not None else None})
 
 
-def _cell(conninfo: dict, n: int, query: str, ids: list, expected: dict, args, rate, postmaster, roots) -> dict:
+def _cell(conninfo: dict, n: int, jobs: int, query: str, ids: list, expected: dict, args, rate, postmaster,
+          roots) -> dict:
     from cnnsql.measure import stats
     from cnnsql.measure.monitor import ServerSampler
 
     ctx = mp.get_context("fork")
-    barrier, queue = ctx.Barrier(n + 1), ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(k, n, conninfo, query, ids, expected, args.seconds, rate,
-                                                 barrier, queue)) for k in range(n)]
+    jobs = n if jobs <= 0 else min(jobs, n)
+    groups = [list(range(j, n, jobs)) for j in range(jobs)]
+    barrier, queue = ctx.Barrier(jobs + 1), ctx.Queue()
+    procs = [ctx.Process(target=_job, args=(g, n, conninfo, query, ids, expected, args.seconds, rate,
+                                             barrier, queue)) for g in groups]
     with ServerSampler(postmaster) as sampler:
         t_warm = time.perf_counter()
         for p in procs:
@@ -111,15 +217,16 @@ def _cell(conninfo: dict, n: int, query: str, ids: list, expected: dict, args, r
         warm_wall = time.perf_counter() - t_warm
         with stats.Clock(roots) as clock:  # the server, PgBouncer, these clients: ours
             clock.time("cell", lambda: time.sleep(args.seconds))
-            results = [queue.get(timeout=args.seconds + 600) for _ in procs]
+            results = [queue.get(timeout=args.seconds + 600) for _ in range(n)]
         for p in procs:
             p.join(timeout=60)
     lat = np.array([x for r in results for x in r["lat"]]) * 1000
     verdict = clock.verdict("cell", judge_spread=False)
     # answered queries over the time from the start to the last answer: a client that falls behind its
     # schedule sends its late queries after the window, so the rate it kept is below the one asked
-    elapsed = max(r["span"][1] for r in results) - min(r["span"][0] for r in results)
-    return {"queries": int(len(lat)), "queries_per_s": len(lat) / max(elapsed, args.seconds),
+    spans = [r["span"] for r in results if r["span"]]
+    elapsed = max(s[1] for s in spans) - min(s[0] for s in spans) if spans else args.seconds
+    return {"jobs": jobs, "queries": int(len(lat)), "queries_per_s": len(lat) / max(elapsed, args.seconds),
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             "wrong": sum(r["wrong"] for r in results), "errors": sum(len(r["errors"]) for r in results),
@@ -162,6 +269,7 @@ def run(ctx, args) -> dict:
     from cnnsql.core.errors import CnnsqlError
     from cnnsql.data import datasets
     from cnnsql.db.pooler import Pooler
+    from cnnsql.measure.monitor import server_processes, settle
     from cnnsql.engines import engine_class, get_engine
     from cnnsql.models.weights import load_weights
     from cnnsql.placements import pgfunctions
@@ -188,6 +296,10 @@ def run(ctx, args) -> dict:
             sql.Identifier(*ds.bytes_relation("test"))).as_string(conn)
     vias = [v for v in args.via.split(",") if v]
     try:
+        job_settings = [int(j) for j in args.jobs.split(",") if j.strip()] or [1]
+    except ValueError:
+        raise CnnsqlError(f"--jobs {args.jobs!r} is not a list of integers", "e.g. --jobs 1 or --jobs 1,0") from None
+    try:
         rates = [float(r) for r in args.rates.split(",") if r.strip()] or [None]
     except ValueError:
         raise CnnsqlError(f"--rates {args.rates!r} is not a list of numbers", "e.g. --rates 100,200,400") from None
@@ -209,32 +321,41 @@ def run(ctx, args) -> dict:
                                         args.pool_size or os.cpu_count() or 1)
                 ctx.say(f"pooler on 127.0.0.1:{pooler.port}, pool warmed in {pool_warm_s:.1f} s")
             conninfo = (pooler if via == "pooler" else cluster).conninfo(config.database_name())
-            for n in [int(c) for c in args.clients.split(",")]:
+            baseline = server_processes(postmaster)  # the server's own processes (and the pool's backends)
+            for jobs, n in itertools.product(job_settings, [int(c) for c in args.clients.split(",")]):
                 for rate in rates:
                     load = f"{rate:g} q/s" if rate else "closed loop"
-                    ctx.say(f"{via}, {n} client(s), {load}, {args.seconds:g} s")
+                    driver = f"{n if jobs <= 0 else min(jobs, n)} process(es)"
+                    ctx.say(f"{via}, {n} client(s) in {driver}, {load}, {args.seconds:g} s")
                     roots = (postmaster, pooler._pid() or 0) if via == "pooler" else (postmaster,)
-                    cell = _cell(conninfo, n, query, ids.tolist(), expected, args, rate, postmaster, roots)
-                    ctx.record_noise(f"{via} {n} clients {load}", cell.pop("verdict"))
-                    rows.append({"via": via, "clients": n, "rate": rate, **cell})
-                    checks.append(check(f"{via}, {n} clients, {load}: every answer right",
+                    settle(postmaster, baseline)  # the previous cell's backends have exited
+                    cell = _cell(conninfo, n, jobs, query, ids.tolist(), expected, args, rate, postmaster, roots)
+                    ctx.record_noise(f"{via} {n} clients in {driver} {load}", cell.pop("verdict"))
+                    rows.append({"via": via, "clients": n, "rate": rate, "jobs_setting": jobs, **cell})
+                    checks.append(check(f"{via}, {n} clients in {driver}, {load}: every answer right",
                                         cell["wrong"] == 0 and cell["errors"] == 0,
                                         f"{cell['wrong']} wrong, {cell['errors']} errors ({cell['first_error']})"))
     finally:
         if "pooler" in vias:
             pooler.stop()
     best = []
-    if rates != [None]:  # per (via, clients): the highest answered rate within the latency bound
-        for via in vias:
-            for n in sorted({r["clients"] for r in rows}):
-                ok = [r for r in rows if r["via"] == via and r["clients"] == n and r["p99_ms"] is not None
-                      and r["p99_ms"] <= args.p99_ms and r["queries_per_s"] >= 0.95 * r["rate"]]
-                top = max(ok, key=lambda r: r["queries_per_s"], default=None)
-                best.append({"via": via, "clients": n, "best_rate": top["rate"] if top else None,
-                             "queries_per_s": top["queries_per_s"] if top else None,
-                             "p99_ms": top["p99_ms"] if top else None,
-                             "server_anon_sum_mb": max(r["server_anon_sum_mb"] for r in rows
-                                                       if r["via"] == via and r["clients"] == n)})
+    if rates != [None]:  # per (via, jobs, clients): the highest answered rate within the latency bound
+        for via, jobs, n in sorted({(r["via"], r["jobs_setting"], r["clients"]) for r in rows},
+                                   key=lambda t: (vias.index(t[0]), job_settings.index(t[1]), t[2])):
+            cells = [r for r in rows if (r["via"], r["jobs_setting"], r["clients"]) == (via, jobs, n)]
+            ok = [r for r in cells if r["p99_ms"] is not None and r["p99_ms"] <= args.p99_ms
+                  and r["queries_per_s"] >= 0.95 * r["rate"]]
+            top = max(ok, key=lambda r: r["queries_per_s"], default=None)
+            best.append({"via": via, "jobs_setting": jobs, "jobs": cells[0]["jobs"], "clients": n, "best_rate": top["rate"] if top else None,
+                         "queries_per_s": top["queries_per_s"] if top else None,
+                         "p99_ms": top["p99_ms"] if top else None, "top_rate_asked": top is not None and
+                         top["rate"] == max(rates),
+                         "server_anon_sum_mb": max(r["server_anon_sum_mb"] for r in cells),
+                         "warm_s": max(r["warm_s"] for r in cells)})
+        for b in best:  # each count's share of the best count through the same way, with the same --jobs
+            peers = [x["queries_per_s"] for x in best if (x["via"], x["jobs_setting"]) == (b["via"], b["jobs_setting"])
+                     and x["queries_per_s"]]
+            b["share_of_best"] = b["queries_per_s"] / max(peers) if b["queries_per_s"] and peers else None
     return {"rows": rows, "best": best, "tables": ["best"] if best else [], "checks": checks, "engine": args.engine, "query": query,
             "pool_warm_s": pool_warm_s, "p99_bound_ms": args.p99_ms,
             "mode": "open loop, rates stepped up" if rates != [None] else "closed loop",

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from cnnsql.bench.studies import check
 from cnnsql.bench.studies._dbstudy import ChildClock, weights_path
+from cnnsql.measure.monitor import server_processes, settle
 
 NAME = "growth"
 NEEDS_DATABASE = True
@@ -167,21 +168,6 @@ def child_main(argv: list[str]) -> None:
 
 # --- the parent: phases in fresh processes, the server sampled --------------------------------
 
-def server_processes(postmaster: int | None) -> set[int]:
-    from cnnsql.measure.monitor import server_children
-
-    return set(server_children(postmaster) or ())
-
-
-def settle(postmaster: int | None, baseline: set[int], timeout: float = 30.0) -> float:
-    """Wait until the server processes a previous phase started have exited (a backend that ran a
-    framework takes a moment to end), so that a phase's server figures are its own. Seconds waited."""
-    t0 = time.monotonic()
-    while server_processes(postmaster) - baseline and time.monotonic() - t0 < timeout:
-        time.sleep(0.1)
-    return time.monotonic() - t0
-
-
 def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None, baseline: set[int]) -> tuple[dict, str]:
     """Run one phase in a fresh process, once the server has only the `baseline` processes: wall, exit, peak
     RSS (wait4), the server's peaks, the noise verdict."""
@@ -203,17 +189,6 @@ def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None, baseline:
         raise RuntimeError(f"growth: {label} failed ({proc.returncode}): {stderr.strip()[-400:]}")
     return {"wall_s": wall, "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
             "process_peak_rss_mb": usage.ru_maxrss / 1024, "settled_s": settled_s, **sampler.summary()}, stdout
-
-
-def postmaster_pid(conn) -> int | None:
-    with conn.cursor() as cur:
-        cur.execute("SELECT setting FROM pg_settings WHERE name = 'data_directory'")
-        (datadir,) = cur.fetchone()
-    conn.rollback()
-    try:
-        return int(Path(datadir, "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError, TypeError):
-        return None  # a server elsewhere (or not readable here): no server-side memory figures
 
 
 def table_bytes(conn) -> int:
@@ -390,7 +365,7 @@ def run(ctx, args) -> dict:
         raise CnnsqlError(f"--phases {','.join(args.phases)}: unknown {unknown or 'none given'}",
                           f"choose from {','.join(PASSES)}")
     session = args.session or results.new_session_id()
-    postmaster = postmaster_pid(conn)
+    postmaster = db.private_server_pid(conn)  # None: a server elsewhere, no server-side figures
     baseline = server_processes(postmaster)  # the server's own processes and this connection's backend
     rows, checks = [], []
     for n in (int(x) for x in args.sizes.split(",") if x):
