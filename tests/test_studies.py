@@ -91,3 +91,20 @@ def test_load_speed_in_its_own_database(tmp_path, target):
     doc = run_study("load_speed", tmp_path, env={"CNNSQL_DB": "study_load_speed"})
     assert_sound(doc, "load_speed")
     assert doc["rows"][0]["images"] == 240 and doc["rows"][0]["images_per_s"] > 0
+
+
+def test_clients_best_rate_is_judged_on_the_rounds_medians():
+    from cnnsql.bench.studies.clients import best_rates
+
+    def cell(clients, rate, p99, kept=None, rnd=1):
+        return {"via": "pooler", "jobs_setting": 1, "jobs": 1, "clients": clients, "rate": rate, "round": rnd,
+                "p99_ms": p99, "queries_per_s": kept if kept is not None else rate, "server_anon_sum_mb": 400.0,
+                "warm_s": 0.01}
+
+    rows = [cell(4, 500, 10, rnd=1), cell(4, 500, 12, rnd=2), cell(4, 500, 90, rnd=3),   # median 12: within 50
+            cell(4, 600, 40, rnd=1), cell(4, 600, 70, rnd=2), cell(4, 600, 80, rnd=3),   # median 70: not
+            cell(16, 500, 20, rnd=1), cell(16, 500, 30, 400, rnd=2), cell(16, 500, 25, 410, rnd=3)]  # kept 410 < 95%
+    best = {b["clients"]: b for b in best_rates(rows, ["pooler"], [1], [500, 600], 50.0)}
+    assert best[4]["best_rate"] == 500 and best[4]["p99_ms"] == 12 and best[4]["p99_range_ms"] == [10, 90]
+    assert best[4]["share_of_best"] == 1.0 and not best[4]["top_rate_asked"]
+    assert best[16]["best_rate"] is None and best[16]["share_of_best"] is None
