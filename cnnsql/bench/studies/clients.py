@@ -139,7 +139,7 @@ def _wait_all(clients: list[_Client], on_done) -> None:
 
 
 def _job(members: list[int], n: int, conninfo: dict, query: str, ids: list, expected: dict, seconds: float, rate,
-         barrier, queue) -> None:
+         barrier, queue, release=None) -> None:
     """The clients `members` of n, driven by this one process (as pgbench's -j drives its share of -c):
     connect, one warm-up query each (all at once), the barrier, then each client's schedule for `seconds`:
     back to back (closed loop), or client k's i-th query due at start + (k/n + i) * n/rate (open loop;
@@ -202,6 +202,8 @@ def _job(members: list[int], n: int, conninfo: dict, query: str, ids: list, expe
     for c in clients:
         c.conn.close()
         queue.put({**c.out, "span": (start, end) if c.out["warm_s"] is not None else None})
+    if release is not None:  # alive until the parent has read this process's CPU (an exited one's is lost)
+        release.wait(timeout=600)
 
 
 def _cell(conninfo: dict, n: int, jobs: int, query: str, ids: list, expected: dict, args, rate, postmaster,
@@ -212,18 +214,21 @@ def _cell(conninfo: dict, n: int, jobs: int, query: str, ids: list, expected: di
     ctx = mp.get_context("fork")
     jobs = n if jobs <= 0 else min(jobs, n)
     groups = [list(range(j, n, jobs)) for j in range(jobs)]
-    barrier, queue = ctx.Barrier(jobs + 1), ctx.Queue()
+    barrier, queue, release = ctx.Barrier(jobs + 1), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_job, args=(g, n, conninfo, query, ids, expected, args.seconds, rate,
-                                             barrier, queue)) for g in groups]
+                                             barrier, queue, release)) for g in groups]
     with ServerSampler(postmaster) as sampler:
         t_warm = time.perf_counter()
         for p in procs:
             p.start()
         barrier.wait(timeout=600)
         warm_wall = time.perf_counter() - t_warm
-        with stats.Clock(roots) as clock:  # the server, PgBouncer, these clients: ours
-            clock.time("cell", lambda: time.sleep(args.seconds))
-            results = [queue.get(timeout=args.seconds + 600) for _ in range(n)]
+        try:
+            with stats.Clock(roots) as clock:  # the server, PgBouncer, these clients: ours
+                clock.time("cell", lambda: time.sleep(args.seconds))
+                results = [queue.get(timeout=args.seconds + 600) for _ in range(n)]
+        finally:
+            release.set()
         for p in procs:
             p.join(timeout=60)
     lat = np.array([x for r in results for x in r["lat"]]) * 1000
