@@ -5,7 +5,7 @@
 
 The block sits between RESULTS_BEGIN and RESULTS_END in README.md; nothing else is touched.
 A study's figures in docs/*.md are generated too: between the lines
-    <!-- study-table: results/studies/NAME/FILE.json columns=a,b,c -->   and   <!-- study-table:end -->
+    <!-- study-table: results/studies/NAME/FILE.json [table=LIST] columns=a,b,c -->   and   <!-- study-table:end -->
 the same command writes a table of that committed JSON's rows (the columns named, each cell through the
 one renderer), with the file's verdict, machine and start under it.
 """
@@ -126,14 +126,16 @@ def render(sessions: list[tuple[str, dict]], limit: int | None = MAX_SESSIONS) -
     return "\n".join(out).rstrip()
 
 
-STUDY_TABLE = re.compile(r"(?P<begin><!-- study-table: (?P<file>results/studies/[\w./-]+\.json)(?: columns=(?P<cols>[\w,]+))? -->\n)"
+STUDY_TABLE = re.compile(r"(?P<begin><!-- study-table: (?P<file>results/studies/[\w./-]+\.json)(?: table=(?P<table>\w+))?"
+                         r"(?: columns=(?P<cols>[\w,]+))? -->\n)"
                          r"(?P<body>.*?)(?P<end><!-- study-table:end -->)", re.S)
 
 
-def study_table(path: Path, columns: list[str] | None) -> str:
-    """A Markdown table of a study result's rows (`columns`, default every key), and where it came from."""
+def study_table(path: Path, columns: list[str] | None, table: str | None = None) -> str:
+    """A Markdown table of a study result's rows (or its other list `table`, e.g. the clients study's
+    `best`), `columns` (default every key), and where it came from."""
     doc = json.loads(path.read_text())
-    rows = doc.get("rows") or []
+    rows = doc.get(table or "rows") or []
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
     lines = _table(cols, [[fmt.auto(r.get(c)) for c in cols] for r in rows])
     noise = doc.get("noise", [])
@@ -153,7 +155,7 @@ def study_blocks(text: str) -> str:
         if not path.is_file():
             raise CnnsqlError(f"a study table names {m.group('file')}, which does not exist", "commit the file or fix the name")
         cols = m.group("cols").split(",") if m.group("cols") else None
-        return m.group("begin") + study_table(path, cols) + m.group("end")
+        return m.group("begin") + study_table(path, cols, m.group("table")) + m.group("end")
     return STUDY_TABLE.sub(sub, text)
 
 
