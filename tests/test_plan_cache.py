@@ -119,3 +119,17 @@ def test_a_null_image_under_a_learnt_shape_gets_evadbs_null_outputs(cursors, con
         got, want = evadb_session.run(cached, q.format(lo, hi)), evadb_session.run(plain, q.format(lo, hi))
         assert same_result(got, want), (lo, hi, got, want)
         assert got["label"].isna().sum() == sum(1 for i in range(lo, hi) if i % 3 == 1)
+
+
+def test_the_one_statement_read_is_checked_before_it_answers(cursors, monkeypatch):
+    """The checking run also takes the few-rows way (one bounded SELECT): a shape whose answer that way
+    differs from EvaDB's is dropped before it answers a query."""
+    from cnnsql.placements import evadb_session
+
+    cached, plain = cursors
+    q = "SELECT TorchCNN(img).probability, id FROM pg.cifar_test WHERE id = {} AND id >= 0;"
+    real = plan_cache.Plan._frame_of_rows
+    monkeypatch.setattr(plan_cache.Plan, "_frame_of_rows", lambda self, rows, inst: real(self, rows, inst).iloc[:0])
+    for k in range(4):
+        assert same_result(evadb_session.run(cached, q.format(k)), evadb_session.run(plain, q.format(k)))
+    assert plan_cache.cache_of(cached._evadb).get(shape(q.format(0))[0]) is None

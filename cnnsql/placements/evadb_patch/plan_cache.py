@@ -22,11 +22,12 @@ run that returned at most FEW_ROWS rows, the next reads by one plain SELECT boun
 rows (a result that reaches the bound is read again by the stream), as tuples; cnnsql's functions give
 their output columns without a DataFrame (`CNNFunction.output_columns`) and the result is built as one
 DataFrame of EvaDB's types; the source's catalog entry is asked once and the table's column types at
-most once a second per shape. Its life: the first run of a shape goes through EvaDB (and
-learns the names and types); the second runs both ways and keeps the shape only if the two results
-are identical (values, names, types); later runs take the direct way. Any statement that is not a
-cached SELECT, and any change to EvaDB's catalog, empties the cache; a direct run that raises is
-retried through EvaDB and its shape dropped. `evadb_session.connect(plan_cache=False)` or
+most once a second per shape. Its life: the first run of a shape goes through EvaDB (and learns the
+names and types); the second runs through EvaDB and directly, by each direct way a later run may take
+(the one-statement read when EvaDB returned a few rows, and the stream), and keeps the shape only if
+every result is identical to EvaDB's (values, names, types); later runs take the direct way. Any
+statement that is not a cached SELECT, and any change to EvaDB's catalog, empties the cache; a direct
+run that raises is retried through EvaDB and its shape dropped. `evadb_session.connect(plan_cache=False)` or
 CNNSQL_PLAN_CACHE=0 turns it off.
 """
 from __future__ import annotations
@@ -395,8 +396,12 @@ class CachedQuery(EvaDBQuery):
         if plan.state == "checking":
             result = self._slow(drop_alias)
             STATS["checked"] += 1
-            try:
-                ok = same_result(plan.run(self._evadb, values), result.frames)
+            try:  # each way a later run may take (the one-statement read after a few rows, the stream)
+                rows = len(result.frames) if result is not None and result.frames is not None else FEW_ROWS + 1
+                ok = True
+                for last in ([rows, None] if rows <= FEW_ROWS else [None]):
+                    plan.last_rows = last
+                    ok = ok and same_result(plan.run(self._evadb, values), result.frames)
             except Exception:  # noqa: BLE001 - the direct way failed: EvaDB's answer stands
                 ok = False
             if ok:
