@@ -215,6 +215,10 @@ def test_a_study_table_is_generated_from_its_json():
     assert f"`{rel}`: {doc['verdict']}" in out
     with pytest.raises(CnnsqlError, match="does not exist"):
         results_doc.study_blocks("<!-- study-table: results/studies/none/x.json -->\n<!-- study-table:end -->")
+    best = results_doc.study_blocks(f"<!-- study-table: {rel} table=best columns=clients -->\n<!-- study-table:end -->")
+    assert best.count("\n| ") == 1 + len(doc["best"])  # another list of the result, by name
+    with pytest.raises(CnnsqlError, match="does not have"):
+        results_doc.study_blocks(f"<!-- study-table: {rel} table=nope -->\n<!-- study-table:end -->")
 
 
 def test_readme_check_fails_when_they_disagree(tmp_path):

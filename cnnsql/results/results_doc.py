@@ -135,6 +135,9 @@ def study_table(path: Path, columns: list[str] | None, table: str | None = None)
     """A Markdown table of a study result's rows (or its other list `table`, e.g. the clients study's
     `best`), `columns` (default every key), and where it came from."""
     doc = json.loads(path.read_text())
+    if table is not None and not isinstance(doc.get(table), list):
+        raise CnnsqlError(f"a study table names the list {table!r}, which {path.name} does not have",
+                          f"name one of its lists: {', '.join(k for k, v in doc.items() if isinstance(v, list))}")
     rows = doc.get(table or "rows") or []
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
     lines = _table(cols, [[fmt.auto(r.get(c)) for c in cols] for r in rows])

@@ -206,15 +206,14 @@ def _job(members: list[int], n: int, conninfo: dict, query: str, ids: list, expe
         release.wait(timeout=600)
 
 
-def _cell(conninfo: dict, n: int, jobs: int, query: str, ids: list, expected: dict, args, rate, postmaster,
+def _cell(conninfo: dict, n: int, processes: int, query: str, ids: list, expected: dict, args, rate, postmaster,
           roots) -> dict:
     from cnnsql.measure import stats
     from cnnsql.measure.monitor import ServerSampler
 
     ctx = mp.get_context("fork")
-    jobs = n if jobs <= 0 else min(jobs, n)
-    groups = [list(range(j, n, jobs)) for j in range(jobs)]
-    barrier, queue, release = ctx.Barrier(jobs + 1), ctx.Queue(), ctx.Event()
+    groups = [list(range(j, n, processes)) for j in range(processes)]
+    barrier, queue, release = ctx.Barrier(processes + 1), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_job, args=(g, n, conninfo, query, ids, expected, args.seconds, rate,
                                              barrier, queue, release)) for g in groups]
     with ServerSampler(postmaster) as sampler:
@@ -237,7 +236,7 @@ def _cell(conninfo: dict, n: int, jobs: int, query: str, ids: list, expected: di
     # schedule sends its late queries after the window, so the rate it kept is below the one asked
     spans = [r["span"] for r in results if r["span"]]
     elapsed = max(s[1] for s in spans) - min(s[0] for s in spans) if spans else args.seconds
-    return {"jobs": jobs, "queries": int(len(lat)), "queries_per_s": len(lat) / max(elapsed, args.seconds),
+    return {"jobs": processes, "queries": int(len(lat)), "queries_per_s": len(lat) / max(elapsed, args.seconds),
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             "wrong": sum(r["wrong"] for r in results), "errors": sum(len(r["errors"]) for r in results),
@@ -368,11 +367,12 @@ def run(ctx, args) -> dict:
             for r, jobs, n in itertools.product(range(args.rounds), job_settings, counts):
                 for rate in rates:
                     load = f"{rate:g} q/s" if rate else "closed loop"
-                    driver = f"{n if jobs <= 0 else min(jobs, n)} process(es)"
+                    processes = n if jobs <= 0 else min(jobs, n)  # --jobs 0: one process per client
+                    driver = f"{processes} process(es)"
                     ctx.say(f"{via}, {n} client(s) in {driver}, {load}, {args.seconds:g} s, round {r + 1}/{args.rounds}")
                     roots = (postmaster, pooler._pid() or 0) if via == "pooler" else (postmaster,)
                     settle(postmaster, baseline)  # the previous cell's backends have exited
-                    cell = _cell(conninfo, n, jobs, query, ids.tolist(), expected, args, rate, postmaster, roots)
+                    cell = _cell(conninfo, n, processes, query, ids.tolist(), expected, args, rate, postmaster, roots)
                     ctx.record_noise(f"{via} {n} clients in {driver} {load} round {r + 1}", cell.pop("verdict"))
                     rows.append({"via": via, "clients": n, "rate": rate, "jobs_setting": jobs, "round": r + 1, **cell})
                     checks.append(check(f"{via}, {n} clients in {driver}, {load}: every answer right",

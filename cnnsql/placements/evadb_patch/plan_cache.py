@@ -52,7 +52,7 @@ from evadb.parser.select_statement import SelectStatement
 # an integer literal outside quotes (strings and quoted identifiers are matched first and kept)
 _TOKENS = re.compile(r"'(?:[^']|'')*'|\"[^\"]*\"|(?<![\w.])(\d+)(?![\w.])")
 SENTINEL = 2_000_000_000  # the i-th literal is SENTINEL + i while a shape compiles
-FEW_ROWS = 64  # a direct run after one that returned at most this many rows reads by cursor, not COPY
+FEW_ROWS = 64  # a direct run after one that returned at most this many rows reads by one bounded SELECT
 COLUMNS_TTL_S = 1.0
 MAX_SHAPES = 256
 MISSING = object()  # PlanCache.get: a shape not seen yet
@@ -152,15 +152,11 @@ class Plan:
     def _frame_of_rows(self, rows: list[tuple], instances: list) -> pd.DataFrame:
         """The result of a few rows read as tuples: one DataFrame, built once from the output columns."""
         position = {c: k for k, c in enumerate(self.columns)}
-        columns: list = []
-        for target, instance in zip(self.targets, instances):
-            if target[0] == "col":
-                columns.append([r[position[target[1]]] for r in rows])
-            else:
-                out = instance.output_columns([r[position[target[2]]] for r in rows])
-                columns += [out[c] for c in (target[3] or out)]
-        if len(columns) != len(self.names):
-            raise ValueError(f"{len(columns)} output columns, EvaDB gave {len(self.names)}")
+
+        def column(name):
+            return [r[position[name]] for r in rows]
+        columns = self._output_columns(column, lambda instance, name: instance.output_columns(column(name)),
+                                       instances)
         exact = [_exact_column(c, d) for c, d in zip(columns, self.dtypes)]
         if any(c is None for c in exact):  # some column's values are not plainly of EvaDB's type: pandas infers
             return self._typed(pd.DataFrame(dict(zip(self.names, columns)), copy=False))
@@ -174,17 +170,25 @@ class Plan:
 
     def _outputs(self, frame: pd.DataFrame, instances: list) -> pd.DataFrame:
         """One chunk's output columns, named as EvaDB named them."""
+        def call(instance, name):
+            out = instance(frame[[name]])
+            return {c: out[c].to_numpy() if out[c].dtype != object else out[c].tolist() for c in out.columns}
+        columns = self._output_columns(lambda name: frame[name].to_numpy(), call, instances)
+        return pd.DataFrame(dict(zip(self.names, columns)), copy=False)
+
+    def _output_columns(self, column, call, instances: list) -> list:
+        """The statement's output columns in order: column(name) for a table column, call(instance, input
+        column) -> {output: values} for a function (its projected outputs, or all of them)."""
         columns: list = []
         for target, instance in zip(self.targets, instances):
             if target[0] == "col":
-                columns.append(frame[target[1]].to_numpy())
+                columns.append(column(target[1]))
             else:
-                out = instance(frame[[target[2]]])
-                columns += [out[c].to_numpy() if out[c].dtype != object else out[c].tolist()
-                            for c in (target[3] or out.columns)]
+                out = call(instance, target[2])
+                columns += [out[c] for c in (target[3] or out)]
         if len(columns) != len(self.names):
             raise ValueError(f"{len(columns)} output columns, EvaDB gave {len(self.names)}")
-        return pd.DataFrame(dict(zip(self.names, columns)), copy=False)
+        return columns
 
 
 def _exact_column(values, dtype):
