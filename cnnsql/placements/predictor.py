@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnsql.core import heap
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -149,8 +151,11 @@ class Predictor:
         return decode(values, self.shape)
 
     def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """uint8 (N, C, H, W) -> probabilities (N, classes), at the engine's batch size by default."""
-        return self.engine.predict(images, batch_size or self.batch_size)
+        """uint8 (N, C, H, W) -> probabilities (N, classes), at the engine's batch size by default.
+        After each call the process's heap is kept from creeping (cnnsql/core/heap.py)."""
+        probs = self.engine.predict(images, batch_size or self.batch_size)
+        heap.after_batch()
+        return probs
 
     def warmup(self, n: int = 2) -> None:
         self.predict(np.zeros((n, *self.shape), np.uint8))
@@ -182,7 +187,7 @@ def bad_rows_message(bad: list[tuple], shown: int = 5) -> str:
 
 
 def process_memory() -> dict:
-    """This process: pid, memory (VmRSS, VmHWM in MB from /proc), engines loaded."""
+    """This process: pid, memory (VmRSS, VmHWM in MB from /proc), engines loaded, heap trims."""
     mem = {}
     try:
         for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
@@ -191,4 +196,4 @@ def process_memory() -> dict:
                 mem[key.lower() + "_mb"] = round(int(value.split()[0]) / 1024, 1)
     except OSError:
         pass
-    return {"pid": os.getpid(), **mem, "engines": Predictor.engines_loaded()}
+    return {"pid": os.getpid(), **mem, "engines": Predictor.engines_loaded(), **heap.KEEPER.stats()}

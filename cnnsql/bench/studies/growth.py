@@ -21,7 +21,8 @@ Passes over the --split (test: N/5 images; train: N), each in a child process
   (`warmup_s` in detail). The table is checked (each id once) and dropped after the phase.
   The phases alternate --reps times; the figure is the median, all walls are kept in `detail`.
 --max-pass M caps a pass at the images with id < M (said in the row). Each phase runs in a fresh
-process: its peak RSS (ru_maxrss from wait4) is the client's figure.
+process: its peak RSS (ru_maxrss from wait4) is the client's figure, with the predictor's heap trims
+(cnnsql/core/heap.py) in `detail`.
 cnnsql.measure.monitor.ServerSampler reads /proc every 0.2 s for the PostgreSQL server's processes: the
 largest VmRSS and RssAnon of one process and the largest sum of RssAnon over all of them. Every phase's
 window carries the harness's noise verdict (other processes' CPU share; the child and the private server
@@ -163,6 +164,9 @@ def child_main(argv: list[str]) -> None:
     else:
         res = (child_raw if a.kind == "raw" else child_sql)(a.engine, a.weights, a.threads, a.limit, a.split)
     res["client_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from cnnsql.core import heap
+
+    res["client_heap"] = heap.KEEPER.stats()  # the predictor's heap trims in this process (core/heap.py)
     print(json.dumps(res))
 
 
@@ -287,7 +291,8 @@ def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaste
                       "warmup_s": [r.get("warmup_s") for r in runs],
                       "loadavg": [[r["loadavg_before"], r["loadavg_after"]] for r in runs], "threads": args.threads,
                       "limit": limit, "split_rows": n_split, "query": runs[0].get("query"), "batch": runs[0].get("batch"),
-                      "server_peak_anon_process": [r.get("server_peak_anon_process") for r in runs]}
+                      "server_peak_anon_process": [r.get("server_peak_anon_process") for r in runs],
+                      "client_heap": [r.get("client_heap") for r in runs]}
             record(conn, session, n, kind, engine, expected, fig, detail)
             raw = figs.get("raw")
             of_raw = (sorted(r["wall_s"] for r in raw)[len(raw) // 2] / fig["wall_s"]) if raw else None
