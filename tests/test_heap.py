@@ -76,3 +76,15 @@ def test_the_predictor_checks_the_heap_after_each_batch(monkeypatch):
     p.classify([bytes(p.input_size)] * 2)
     assert len(calls) == 2
     assert {"heap_trim", "heap_trims", "heap_released_mb"} <= set(process_memory())
+
+
+def test_a_failing_read_stops_the_checks_and_never_fails_a_batch():
+    keeper = heap.HeapKeeper()
+
+    def gone():
+        raise OSError("no /proc")
+
+    keeper._anon, keeper._trim = gone, (lambda pad: 0)
+    keeper.after_batch()
+    keeper.after_batch()
+    assert not keeper.active and keeper.checks == 1

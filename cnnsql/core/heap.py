@@ -21,7 +21,6 @@ batches are. Where there is no glibc or no /proc, it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 import time
@@ -53,11 +52,11 @@ def _anon_reader():
 
 
 def _malloc_trim():
-    """glibc's malloc_trim, or None (another C library)."""
+    """glibc's malloc_trim from the C library already loaded in this process, or None (another C
+    library, or none to be found): no search for the library (ctypes.util.find_library runs ldconfig)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
@@ -85,7 +84,11 @@ class HeapKeeper:
             return
         with self._lock:
             self.checks += 1
-            anon = self._anon()
+            try:
+                anon = self._anon()
+            except (OSError, ValueError, IndexError):  # /proc gone (a closed descriptor, a sandbox): stop checking
+                self._trim = None
+                return
             if self.settled is None:
                 # the level of a batch on a trimmed heap: what the batches use, their freed buffers included
                 self.settled = anon
@@ -93,8 +96,11 @@ class HeapKeeper:
                 self._trim(0)
                 self._last = time.monotonic()
                 self.trims += 1
-                self.released += max(0, anon - self._anon())
                 self.settled = None
+                try:
+                    self.released += max(0, anon - self._anon())
+                except (OSError, ValueError, IndexError):
+                    self._trim = None
 
     def stats(self) -> dict:
         return {"heap_trim": self.active, "heap_checks": self.checks, "heap_trims": self.trims,
