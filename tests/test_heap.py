@@ -13,48 +13,75 @@ needs_glibc = pytest.mark.skipif(not KEEPER_ACTIVE, reason="no glibc malloc_trim
 MB = 1 << 20
 
 
-def fragment(n: int = 2000):
-    """n freed 64 KiB heap blocks, each held apart from the next by a small live object: free memory that
-    stays resident (malloc cannot give it back from the top of the heap)."""
+FRAGMENT = """
+def fragment(n=2000):
+    # n freed 64 KiB heap blocks, each held apart from the next by a small live object: free memory
+    # that stays resident (malloc cannot give it back from the top of the heap)
     big, small = [], []
     for i in range(n):
         big.append(bytes([i % 251 + 1]) * 65536)  # below the mmap threshold: on the heap, pages touched
         small.append(bytes([i % 13 + 1]) * 700)   # above pymalloc's limit: malloc'd between the big ones
     del big
     return small
+"""
+
+
+def in_fresh_process(body: str) -> dict:
+    """Run `body` in a new Python process (a heap no earlier test has used or tuned, no allocator settings
+    from the environment); it sets `out`."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = "import json\nfrom cnnsql.core import heap\nMB = 1 << 20\n" + FRAGMENT + textwrap.dedent(body) + \
+        "\nprint(json.dumps(out))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @needs_glibc
 def test_freed_heap_memory_is_given_back_after_growth_beyond_the_slack():
-    keeper = heap.HeapKeeper(slack=16 * MB, interval=0)
-    keeper.after_batch()  # the mark
-    kept = fragment()
-    grown = heap._anon_bytes()
-    keeper.after_batch()
-    after = heap._anon_bytes()
-    assert keeper.trims == 1
-    assert grown - after > 64 * MB, (grown >> 20, after >> 20)
-    assert keeper.stats()["heap_released_mb"] > 64
-    assert all(len(s) == 700 for s in kept)  # memory in use untouched
+    out = in_fresh_process("""
+        keeper = heap.HeapKeeper(slack=16 * MB, interval=0)
+        keeper.after_batch()  # the mark
+        kept = fragment()
+        grown = heap._anon_bytes()
+        keeper.after_batch()
+        after = heap._anon_bytes()
+        out = {"trims": keeper.trims, "grown": grown >> 20, "after": after >> 20,
+               "released": keeper.stats()["heap_released_mb"], "kept": all(len(s) == 700 for s in kept)}
+    """)
+    assert out["trims"] == 1, out
+    assert out["grown"] - out["after"] > 64, out
+    assert out["released"] > 64, out
+    assert out["kept"]  # memory in use untouched
 
 
 @needs_glibc
 def test_no_trim_within_the_slack_or_the_interval():
-    keeper = heap.HeapKeeper(slack=1 << 40, interval=0)
-    keeper.after_batch()
-    kept = fragment()
-    keeper.after_batch()
-    assert keeper.trims == 0 and keeper.checks == 2
+    out = in_fresh_process("""
+        keeper = heap.HeapKeeper(slack=1 << 40, interval=0)
+        keeper.after_batch()
+        kept = fragment()
+        keeper.after_batch()
+        first = {"trims": keeper.trims, "checks": keeper.checks}
 
-    keeper = heap.HeapKeeper(slack=1 * MB, interval=3600)
-    keeper.after_batch()
-    kept += fragment(3000)  # more than the memory freed above: the process grows
-    keeper.after_batch()  # the first trim
-    keeper.after_batch()  # sets the mark again
-    kept += fragment(3000)
-    keeper.after_batch()  # grown again, but within the interval
-    assert keeper.trims == 1
-    assert kept
+        keeper = heap.HeapKeeper(slack=1 * MB, interval=3600)
+        heap.KEEPER._trim(0)
+        keeper.after_batch()  # the mark, on a trimmed heap
+        kept += fragment(3000)  # touches freed pages again: the process grows
+        keeper.after_batch()  # the first trim
+        keeper.after_batch()  # sets the mark again
+        kept += fragment(3000)
+        keeper.after_batch()  # grown again, but within the interval
+        out = {"first": first, "trims": keeper.trims}
+    """)
+    assert out["first"] == {"trims": 0, "checks": 2}, out
+    assert out["trims"] == 1, out
 
 
 def test_where_there_is_no_proc_or_glibc_nothing_happens(monkeypatch):
