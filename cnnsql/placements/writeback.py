@@ -16,9 +16,9 @@ placement, rows). Three placements fill it:
   as EvaDB's executor yields it (evadb_session.stream) and COPYed into the table.
 
 Every placement holds at most a few chunks of images (memory does not grow with the split). The table
-is built under a private name in one transaction, checked (every id once, as many rows as the split has
-images), then renamed and committed: a run that fails or is killed leaves no table, or with --replace the
-old one unchanged; other sessions see the new table only once it is complete.
+is built under a private name in one transaction (its primary key, there from the start, takes each id
+once), checked (as many rows as the split has images), then renamed and committed: a run that fails
+or is killed leaves no table, or with --replace the old one unchanged; other sessions see the new table only once it is complete.
 """
 from __future__ import annotations
 
