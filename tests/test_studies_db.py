@@ -61,6 +61,8 @@ def test_growth_in_a_database_of_its_own(weights, tmp_path, monkeypatch):
     monkeypatch.setenv("CNNSQL_DB", "study_growth")
     doc = smoke("growth", tmp_path, "--weights", weights)
     assert [(r["phase"], r["rows"]) for r in doc["rows"]] == [("load", 240), ("raw", 40), ("sql", 40)]
+    # each child's own peak (measure/peak.py), read back: an interpreter with numpy imported is over 20 MB
+    assert all(r["client_peak_mb"] is not None and r["client_peak_mb"] > 20 for r in doc["rows"]), doc["rows"]
 
 
 def test_growth_writes_back_from_every_placement(weights, plpython, tmp_path, monkeypatch):

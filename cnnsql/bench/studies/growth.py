@@ -21,8 +21,9 @@ Passes over the --split (test: N/5 images; train: N), each in a child process
   (`warmup_s` in detail). The table is checked (each id once) and dropped after the phase.
   The phases alternate --reps times; the figure is the median, all walls are kept in `detail`.
 --max-pass M caps a pass at the images with id < M (said in the row). Each phase runs in a fresh
-process: its peak RSS (ru_maxrss from wait4) is the client's figure, with the predictor's heap trims
-(cnnsql/core/heap.py) in `detail`.
+process: its own peak RSS (VmHWM, cnnsql/measure/peak.py: not ru_maxrss, which starts a child at its
+parent's size) is the client's figure, with the predictor's heap trims (cnnsql/core/heap.py) in `detail`.
+With --reps above 1, a memory figure is the median of the repetitions' peaks, all of them in `detail`.
 cnnsql.measure.monitor.ServerSampler reads /proc every 0.2 s for the PostgreSQL server's processes: the
 largest VmRSS and RssAnon of one process and the largest sum of RssAnon over all of them. Every phase's
 window carries the harness's noise verdict (other processes' CPU share; the child and the private server
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,7 +151,6 @@ def child_write(kind: str, engine_name: str, weights: str, threads: int, limit: 
 
 def child_main(argv: list[str]) -> None:
     import argparse
-    import resource
 
     ap = argparse.ArgumentParser()
     ap.add_argument("kind", choices=PASSES)
@@ -163,8 +164,10 @@ def child_main(argv: list[str]) -> None:
         res = child_write(a.kind, a.engine, a.weights, a.threads, a.limit, a.split)
     else:
         res = (child_raw if a.kind == "raw" else child_sql)(a.engine, a.weights, a.threads, a.limit, a.split)
-    res["client_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     from cnnsql.core import heap
+    from cnnsql.measure import peak
+
+    res["client_peak_rss_mb"] = peak.own_peak_mb()  # this process image's own peak (not ru_maxrss)
 
     res["client_heap"] = heap.KEEPER.stats()  # the predictor's heap trims in this process (core/heap.py)
     print(json.dumps(res))
@@ -172,10 +175,13 @@ def child_main(argv: list[str]) -> None:
 
 # --- the parent: phases in fresh processes, the server sampled --------------------------------
 
-def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None, baseline: set[int]) -> tuple[dict, str]:
-    """Run one phase in a fresh process, once the server has only the `baseline` processes: wall, exit, peak
-    RSS (wait4), the server's peaks, the noise verdict."""
+def run_phase(ctx, label: str, module: list[str], postmaster: int | None, baseline: set[int]) -> tuple[dict, str]:
+    """Run `python -m MODULE ARGS` (`module`) in a fresh process, once the server has only the `baseline`
+    processes: wall, exit, the process's own peak RSS (measure/peak.py), the server's peaks, the noise verdict."""
+    from cnnsql.measure import peak
     from cnnsql.measure.monitor import ServerSampler
+
+    cmd = [sys.executable, "-m", "cnnsql.measure.peak", "-m", *module]
 
     settled_s = settle(postmaster, baseline)
     load_before = os.getloadavg()[0]
@@ -183,8 +189,7 @@ def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None, baseline:
         with ChildClock((postmaster,) if postmaster else ()) as clock, ServerSampler(postmaster) as sampler:
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-            _, status, usage = os.wait4(proc.pid, 0)  # reaped here: its ru_maxrss kept
-            proc.returncode = os.waitstatus_to_exitcode(status)
+            proc.wait()
             wall = time.perf_counter() - t0
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
@@ -192,7 +197,7 @@ def run_phase(ctx, label: str, cmd: list[str], postmaster: int | None, baseline:
     if proc.returncode != 0:
         raise RuntimeError(f"growth: {label} failed ({proc.returncode}): {stderr.strip()[-400:]}")
     return {"wall_s": wall, "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
-            "process_peak_rss_mb": usage.ru_maxrss / 1024, "settled_s": settled_s, **sampler.summary()}, stdout
+            "process_peak_rss_mb": peak.read_reported(stderr), "settled_s": settled_s, **sampler.summary()}, stdout
 
 
 def table_bytes(conn) -> int:
@@ -240,7 +245,7 @@ def record(conn, session: str, n: int, phase: str, engine: str | None, rows: int
 def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaster: int | None, baseline: set[int],
                  rows: list, checks: list) -> None:
     fig, out = run_phase(ctx, f"N={n} load (child process)",
-                         [sys.executable, "-m", "cnnsql", "load", "--quiet", "--synthetic", str(n)], postmaster, baseline)
+                         ["cnnsql", "load", "--quiet", "--synthetic", str(n)], postmaster, baseline)
     fig["client_peak_rss_mb"] = fig["process_peak_rss_mb"]
     n_test = max(1, n // 5)
     n_split = n_test if args.split == "test" else n
@@ -262,7 +267,7 @@ def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaste
         figs = {kind: [] for kind in args.phases}
         for _ in range(args.reps):
             for kind in args.phases:
-                cmd = [sys.executable, "-m", "cnnsql.bench.studies.growth", "--child", kind, "--engine", engine,
+                cmd = ["cnnsql.bench.studies.growth", "--child", kind, "--engine", engine,
                        "--weights", str(weights), "--threads", str(args.threads), "--split", args.split] + (
                     ["--limit", str(limit)] if limit else [])
                 f, out = run_phase(ctx, f"N={n} {engine} {kind} (child process)", cmd, postmaster, baseline)
@@ -283,8 +288,8 @@ def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaste
                 ctx.record_noise(f"N={n} {engine} {kind} repetitions", {
                     "noisy": noisy, "noise_reasons": [f"repetitions spread {100 * sp:.0f}% (max-min over median; "
                                                       f"threshold {100 * stats.NOISY_SPREAD:.0f}%)"] if noisy else []})
-            agg = {k: max(r[k] for r in runs) for k in ("client_peak_rss_mb", "server_peak_rss_mb",
-                                                      "server_peak_anon_mb", "server_peak_anon_sum_mb")}
+            memory = ("client_peak_rss_mb", "server_peak_rss_mb", "server_peak_anon_mb", "server_peak_anon_sum_mb")
+            agg = {k: statistics.median(r[k] for r in runs) for k in memory}  # each figure's median repetition
             fig = {**agg, "wall_s": med["wall_s"], "loadavg_before": runs[0]["loadavg_before"],
                    "loadavg_after": runs[-1]["loadavg_after"]}
             detail = {"walls": walls, "process_walls": [r["process_wall_s"] for r in runs], "split": args.split,
@@ -292,7 +297,8 @@ def measure_size(ctx, conn, args, weights: Path, session: str, n: int, postmaste
                       "loadavg": [[r["loadavg_before"], r["loadavg_after"]] for r in runs], "threads": args.threads,
                       "limit": limit, "split_rows": n_split, "query": runs[0].get("query"), "batch": runs[0].get("batch"),
                       "server_peak_anon_process": [r.get("server_peak_anon_process") for r in runs],
-                      "client_heap": [r.get("client_heap") for r in runs]}
+                      "client_heap": [r.get("client_heap") for r in runs],
+                      "memory_mb": {k: [r[k] for r in runs] for k in memory}}
             record(conn, session, n, kind, engine, expected, fig, detail)
             raw = figs.get("raw")
             of_raw = (sorted(r["wall_s"] for r in raw)[len(raw) // 2] / fig["wall_s"]) if raw else None

@@ -2,8 +2,8 @@
 
 Each size N of --rows runs in a fresh child process (`python -m cnnsql.bench.studies.sql_memory --child`):
 it connects through cnnsql's EvaDB, runs `SELECT id, F(img).label FROM pg.<train view> WHERE id < 2` (the
-engine loaded), reads its peak RSS (ru_maxrss), runs `SELECT id, F(img).label FROM pg.<train view> WHERE
-id < N` and reports rows returned, wall time of the query, and its peak RSS before and after: the query's
+engine loaded), reads its own peak RSS (VmHWM, measure/peak.py), runs `SELECT id, F(img).label FROM
+pg.<train view> WHERE id < N` and reports rows returned, wall time of the query, and its peak RSS before and after: the query's
 growth is the difference. F is --engine's SQL function; the train view is the loaded dataset's (the dataset
 API). `--stock` repeats each size on unpatched EvaDB (which fetches the whole view at once). Each child's
 window carries the harness's noise verdict: other processes' share of the machine's CPU, the child (reaped,
@@ -35,10 +35,10 @@ def arguments(ap) -> None:
 
 def child(argv: list[str]) -> dict:
     import argparse
-    import resource
     import time
 
     from cnnsql.bench.studies import Context
+    from cnnsql.measure import peak
     from cnnsql.placements import evadb_patch, evadb_session
     from cnnsql.placements.pgfunctions import sql_name
 
@@ -54,14 +54,14 @@ def child(argv: list[str]) -> dict:
     f, view = sql_name(args.engine), ds.view("train")
     cursor = evadb_session.connect(target, weights=weights_path(args), threads=args.threads)
     evadb_session.run(cursor, f"SELECT id, {f}(img).label FROM pg.{view} WHERE id < 2;")  # the engine loaded
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak.own_peak_mb()
     query = f"SELECT id, {f}(img).label FROM pg.{view} WHERE id < {int(args.n)};"
     t0 = time.perf_counter()
     out = evadb_session.run(cursor, query)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rows": len(out), "wall_s": wall, "rss_before_mb": before, "peak_rss_mb": peak,
-            "query_growth_mb": peak - before, "query": query}
+    high = peak.own_peak_mb()
+    return {"rows": len(out), "wall_s": wall, "rss_before_mb": before, "peak_rss_mb": high,
+            "query_growth_mb": high - before, "query": query}
 
 
 def run(ctx, args) -> dict:
