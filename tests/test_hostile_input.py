@@ -21,6 +21,7 @@ import pytest
 from cnnsql.data import cifar
 from cnnsql.models import weights as W
 from cnnsql.core.errors import CnnsqlError
+from cnnsql.measure import peak
 from conftest import REPO
 
 pytestmark = pytest.mark.integration  # the CLI in subprocesses against hostile archives and weights
@@ -29,28 +30,18 @@ GIB = 1 << 30
 RSS_LIMIT_MB = 400  # the CLI alone (numpy, psycopg2, tqdm imported) peaks at about 43 MB
 
 
-# The CLI in a fresh interpreter that reports its own VmHWM (peak RSS of this process image). Not
-# os.wait4's ru_maxrss: that keeps the high-water mark of the forked pytest process across exec.
-PEAK_WRAPPER = """
-import sys
-from cnnsql.cli.main import main
-try:
-    code = main(sys.argv[1:])
-finally:
-    with open('/proc/self/status') as f:
-        kb = next(l.split()[1] for l in f if l.startswith('VmHWM'))
-    print('peak-kb', kb, file=sys.stderr)
-sys.exit(code)
-"""
+# The CLI in a fresh interpreter that reports its own VmHWM (cnnsql.measure.peak). Not os.wait4's
+# ru_maxrss: that keeps the high-water mark of the forked pytest process across exec.
 
 
 def run_measured(source) -> tuple[int, str, float]:
     """(exit code, stderr, peak RSS MB) of `cnnsql load --source SOURCE`."""
-    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, "load", "--quiet", "--no-download", "--source",
-                           str(source)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    peak = [l for l in proc.stderr.splitlines() if l.startswith("peak-kb ")]
-    assert peak, proc.stderr
-    return proc.returncode, proc.stderr, int(peak[-1].split()[1]) / 1024
+    proc = subprocess.run([sys.executable, "-m", "cnnsql.measure.peak", "-m", "cnnsql", "load", "--quiet",
+                           "--no-download", "--source", str(source)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    mb = peak.read_reported(proc.stderr)
+    assert mb is not None, proc.stderr
+    return proc.returncode, proc.stderr, mb
 
 
 def assert_one_line(code: int, err: str, *needles: str) -> None:
@@ -79,10 +70,10 @@ def test_gzip_bomb_member_is_refused_from_its_header(tmp_path):
     head = tar_header(f"{cifar.TOP}/", 0, tarfile.DIRTYPE) + tar_header(f"{cifar.TOP}/data_batch_1", 3 * GIB)
     bomb.write_bytes(gzip.compress(head) + zeros_gzip(3 * GIB))
     assert bomb.stat().st_size < 8 << 20
-    code, err, peak = run_measured(bomb)
+    code, err, peak_mb = run_measured(bomb)
     assert_one_line(code, err, "data_batch_1", "3,221,225,472 bytes", "expected 31,035,704")
-    assert peak < RSS_LIMIT_MB, f"peak RSS {peak:.0f} MB"
-    print(f"gzip bomb ({bomb.stat().st_size:,} bytes, member 3 GiB): peak RSS {peak:.0f} MB")
+    assert peak_mb < RSS_LIMIT_MB, f"peak RSS {peak_mb:.0f} MB"
+    print(f"gzip bomb ({bomb.stat().st_size:,} bytes, member 3 GiB): peak RSS {peak_mb:.0f} MB")
 
 
 def test_huge_tar_header_is_refused_by_the_stream_cap(tmp_path):
@@ -90,10 +81,10 @@ def test_huge_tar_header_is_refused_by_the_stream_cap(tmp_path):
     bomb = tmp_path / "pax.tar.gz"
     head = tar_header(f"{cifar.TOP}/", 0, tarfile.DIRTYPE) + tar_header("PaxHeader", 3 * GIB, tarfile.XHDTYPE)
     bomb.write_bytes(gzip.compress(head) + zeros_gzip(3 * GIB))
-    code, err, peak = run_measured(bomb)
+    code, err, peak_mb = run_measured(bomb)
     assert_one_line(code, err, "expands beyond")
-    assert peak < RSS_LIMIT_MB, f"peak RSS {peak:.0f} MB"
-    print(f"pax-header bomb ({bomb.stat().st_size:,} bytes, header 3 GiB): peak RSS {peak:.0f} MB")
+    assert peak_mb < RSS_LIMIT_MB, f"peak RSS {peak_mb:.0f} MB"
+    print(f"pax-header bomb ({bomb.stat().st_size:,} bytes, header 3 GiB): peak RSS {peak_mb:.0f} MB")
 
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="GNU tar makes the sparse archive")
@@ -106,14 +97,14 @@ def test_sparse_tar_is_refused(tmp_path):
     sparse = tmp_path / "sparse.tar.gz"
     subprocess.run(["tar", "--sparse", "-czf", str(sparse), "-C", str(tmp_path / "src"), cifar.TOP], check=True)
     assert sparse.stat().st_size < 4096
-    code, err, peak = run_measured(sparse)
+    code, err, peak_mb = run_measured(sparse)
     assert_one_line(code, err, "data_batch_1")
-    assert peak < RSS_LIMIT_MB, f"peak RSS {peak:.0f} MB"
-    print(f"sparse tar ({sparse.stat().st_size:,} bytes, member 6 GiB): peak RSS {peak:.0f} MB")
+    assert peak_mb < RSS_LIMIT_MB, f"peak RSS {peak_mb:.0f} MB"
+    print(f"sparse tar ({sparse.stat().st_size:,} bytes, member 6 GiB): peak RSS {peak_mb:.0f} MB")
     # the same file as an extracted folder: its size is checked before it is opened for reading
-    code, err, peak = run_measured(tmp_path / "src")
+    code, err, peak_mb = run_measured(tmp_path / "src")
     assert_one_line(code, err, "data_batch_1", "6,442,450,944 bytes")
-    assert peak < RSS_LIMIT_MB
+    assert peak_mb < RSS_LIMIT_MB
 
 
 def test_too_many_entries_and_duplicates(tmp_path):
