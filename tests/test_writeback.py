@@ -127,6 +127,68 @@ def test_postgres_placement_needs_the_functions_with_the_same_weights(functions,
     conn.rollback()
 
 
+def _logged_plans(logfile, offset: int) -> list[str]:
+    """auto_explain's entries in the server log after `offset`: each 'plan:' line with its tab-indented lines."""
+    with open(logfile, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    plans: list[list[str]] = []
+    for line in lines:
+        if line.startswith("\t") and plans:
+            plans[-1].append(line)
+        elif "plan:" in line:
+            plans.append([line])
+    return ["\n".join(p) for p in plans]
+
+
+def test_postgres_placement_writes_without_jit(functions, conn, random_weights_file):
+    """The write-back's statements run with JIT off even where the database compiles every statement (LLVM's
+    code and heap would stay in the backend that runs the CNN): each statement's plan, logged by auto_explain
+    with its JIT summary, has none, while another statement of the same settings does."""
+    if not functions:
+        pytest.skip("PostgreSQL has no PL/Python")
+    from psycopg2 import sql
+
+    from cnnsql import db
+
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_jit_available()")
+        if not cur.fetchone()[0]:
+            pytest.skip("this PostgreSQL has no JIT provider (llvmjit)")
+    conn.rollback()
+    forced = {"jit": "on", "jit_above_cost": "0", "session_preload_libraries": "auto_explain",
+              "auto_explain.log_min_duration": "0"}
+    database = sql.Identifier(conn.info.dbname)
+    logfile = db.private_cluster().logfile
+    offset = logfile.stat().st_size
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for name, value in forced.items():
+                cur.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    database, sql.Identifier(name), sql.Literal(value)))
+        control = db.connect(db.resolve())
+        try:
+            with control.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_class WHERE relname <> 'cnnsql_jit_control'")
+        finally:
+            control.close()
+        writeback.write_back(into="wb_nojit", engine="torch", weights=random_weights_file, placement="postgres",
+                             limit=N, replace=True, progress=False)
+    finally:
+        with conn.cursor() as cur:
+            for name in forced:
+                cur.execute(sql.SQL("ALTER DATABASE {} RESET {}").format(database, sql.Identifier(name)))
+        conn.autocommit = False
+    plans = _logged_plans(logfile, offset)
+    controls = [p for p in plans if "cnnsql_jit_control" in p]
+    inserts = [p for p in plans if 'INSERT INTO "cnnsql_build_' in p]
+    assert controls and all("JIT:" in p for p in controls), f"the control statement was not JIT-compiled: {controls}"
+    assert inserts, f"no write-back statement in the server log: {plans[-3:]}"
+    assert not [p for p in inserts if "JIT:" in p], "a write-back statement ran with JIT"
+    assert _table(conn, "wb_nojit")[0].tolist() == list(range(N))
+
+
 @pytest.mark.parametrize("placement", ["client", "postgres"])
 def test_a_killed_run_leaves_the_old_table_and_no_half_written_one(placement, functions, conn, random_weights_file):
     """SIGKILL of `cnnsql predict --into T --replace` while it writes: T keeps its old rows, no build table is
