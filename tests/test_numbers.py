@@ -240,6 +240,13 @@ def test_readme_check_fails_when_they_disagree(tmp_path):
     assert results_doc.readme(folder, readme, check=True)  # ...and now current
 
 
+def test_a_document_without_the_results_block_is_named(tmp_path):
+    doc = tmp_path / "notes.md"
+    doc.write_text("# no generated block here\n")
+    with pytest.raises(CnnsqlError, match="notes.md has no generated results block"):
+        results_doc.readme(REPO / "results" / "sessions", doc, check=True)
+
+
 def test_results_files_hold_every_repetition():
     for path in results_doc.session_files(REPO / "results" / "sessions")[0]:
         doc = json.loads(path.read_text())

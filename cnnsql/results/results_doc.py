@@ -177,9 +177,9 @@ def block(text: str) -> str:
     return f"{RESULTS_BEGIN}\n{text}\n{RESULTS_END}"
 
 
-def current_block(readme: str) -> str:
+def current_block(readme: str, name: str = "README.md") -> str:
     if RESULTS_BEGIN not in readme or RESULTS_END not in readme:
-        raise CnnsqlError("README.md has no generated results block", f"add the lines {RESULTS_BEGIN} and "
+        raise CnnsqlError(f"{name} has no generated results block", f"add the lines {RESULTS_BEGIN} and "
                           f"{RESULTS_END} where the tables belong")
     start = readme.index(RESULTS_BEGIN)
     return readme[start:readme.index(RESULTS_END, start) + len(RESULTS_END)]
@@ -196,7 +196,7 @@ def readme(folder: Path = REPO / "results" / "sessions", readme_path: Path | Non
     current = True
     for path, n in targets:
         text = path.read_text()
-        current &= _update(path, text, text.replace(current_block(text), block(render(sessions, n))), check,
+        current &= _update(path, text, text.replace(current_block(text, str(path)), block(render(sessions, n))), check,
                            f"{path.name}'s results tables disagree with results/sessions/*.json",
                            "run `cnnsql results readme` and commit README.md and docs/results.md")
     return current
