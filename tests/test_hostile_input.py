@@ -30,12 +30,10 @@ GIB = 1 << 30
 RSS_LIMIT_MB = 400  # the CLI alone (numpy, psycopg2, tqdm imported) peaks at about 43 MB
 
 
-# The CLI in a fresh interpreter that reports its own VmHWM (cnnsql.measure.peak). Not os.wait4's
-# ru_maxrss: that keeps the high-water mark of the forked pytest process across exec.
-
-
 def run_measured(source) -> tuple[int, str, float]:
-    """(exit code, stderr, peak RSS MB) of `cnnsql load --source SOURCE`."""
+    """(exit code, stderr, peak RSS MB) of `cnnsql load --source SOURCE` in a fresh interpreter that reports
+    its own VmHWM (cnnsql.measure.peak); not os.wait4's ru_maxrss, which keeps the forked pytest's
+    high-water mark across exec."""
     proc = subprocess.run([sys.executable, "-m", "cnnsql.measure.peak", "-m", "cnnsql", "load", "--quiet",
                            "--no-download", "--source", str(source)], cwd=REPO, capture_output=True, text=True,
                           timeout=300)

@@ -177,7 +177,7 @@ def block(text: str) -> str:
     return f"{RESULTS_BEGIN}\n{text}\n{RESULTS_END}"
 
 
-def current_block(readme: str, name: str = "README.md") -> str:
+def current_block(readme: str, name: str) -> str:
     if RESULTS_BEGIN not in readme or RESULTS_END not in readme:
         raise CnnsqlError(f"{name} has no generated results block", f"add the lines {RESULTS_BEGIN} and "
                           f"{RESULTS_END} where the tables belong")

@@ -1,14 +1,14 @@
 """Peak memory of one SQL query as the rows it reads grow: streaming keeps the reading path flat.
 
-Each size N of --rows runs in a fresh child process (`python -m cnnsql.bench.studies.sql_memory --child`):
-it connects through cnnsql's EvaDB, runs `SELECT id, F(img).label FROM pg.<train view> WHERE id < 2` (the
-engine loaded), reads its own peak RSS (VmHWM, measure/peak.py), runs `SELECT id, F(img).label FROM
-pg.<train view> WHERE id < N` and reports rows returned, wall time of the query, and its peak RSS before
-and after: the query's growth is the difference. F is --engine's SQL function; the train view is the loaded dataset's (the dataset
-API). `--stock` repeats each size on unpatched EvaDB (which fetches the whole view at once). Each child's
-window carries the harness's noise verdict: other processes' share of the machine's CPU, the child (reaped,
-RUSAGE_CHILDREN) and the private server's processes counted as the measurement's own. Checks: every child returned
-min(N, train rows) rows.
+Each size N of --rows runs in a fresh child process (`python -m cnnsql.bench.studies.sql_memory --child`): it
+connects through cnnsql's EvaDB, runs `SELECT id, F(img).label FROM pg.<train view> WHERE id < 2` (the engine
+loaded), reads its own peak RSS (VmHWM, measure/peak.py), runs `SELECT id, F(img).label FROM pg.<train view>
+WHERE id < N` and reports rows returned, wall time of the query, and its peak RSS before and after: the
+query's growth is the difference. F is --engine's SQL function; the train view is the loaded dataset's (the
+dataset API). `--stock` repeats each size on unpatched EvaDB (which fetches the whole view at once). Each
+child's window carries the harness's noise verdict: other processes' share of the machine's CPU, the child
+(reaped, RUSAGE_CHILDREN) and the private server's processes counted as the measurement's own. Checks: every
+child returned min(N, train rows) rows.
 """
 from __future__ import annotations
 
