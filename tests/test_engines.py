@@ -64,6 +64,26 @@ def test_torch_modes(weights, opts):
     np.testing.assert_allclose(p, reference_forward(weights, x), atol=1e-4, rtol=0)
 
 
+def test_torch_relus_run_in_place_with_the_same_outputs(engines, weights):
+    """The engine's chain overwrites each ReLU's input (one buffer less per ReLU), and gives exactly what
+    the model built without it gives; the model for training keeps its ReLUs out of place."""
+    import torch
+
+    from cnnsql.engines.torch_engine import build_model, load_arrays
+
+    engine = engines["torch"]
+    assert engine._model.steps.count(torch.relu_) == 3 and torch.relu not in engine._model.steps
+    plain = build_model(weights.spec)
+    assert torch.relu_ not in plain.steps
+    load_arrays(plain, weights.arrays, weights.spec)
+    plain = plain.eval().to(memory_format=torch.channels_last)
+    for x in (images(64, seed=3), images(6, seed=4)):  # the same calls (a batch's size picks the kernels)
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(torch.float32).div_(255.0).contiguous(memory_format=torch.channels_last)
+            want = torch.softmax(plain(t), dim=1).numpy()
+        np.testing.assert_array_equal(engine.forward(x), want)
+
+
 def test_weights_round_trip(tmp_path, engines, weights):
     path = tmp_path / "w.npz"
     save_weights(path, weights.arrays, {"trained_by": "test"})
